@@ -1,0 +1,3 @@
+from diffusion_unlearn.cli import main
+
+raise SystemExit(main())

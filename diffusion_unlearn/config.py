@@ -1,0 +1,393 @@
+"""Typed configs shared by the CLI and the Python API, YAML presets, and CLI generation from dataclasses.
+
+Each subcommand has one dataclass. Values resolve as: dataclass defaults < `--preset NAME` / `--config FILE`
+(YAML) < explicit command-line flags. A nested dataclass field (e.g. `sampler`) is flattened on the command
+line (`--steps`, `--guidance-scale`) and may be nested or flat in YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from diffusion_unlearn.fileio import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CACHE = ".cache/diffusion-unlearn"
+
+
+@dataclass
+class SamplerConfig:
+    """How images are drawn. `guidance_scale` is the standard CFG scale s (ε_u + s(ε_c − ε_u));
+    the DDPM lineage's w is s − 1 (`--guidance-w`)."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 3.0
+    sample_batch_size: int = 500
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
+                "guidance_scale": self.guidance_scale, "guidance_w": self.guidance_scale - 1.0,
+                "guidance_convention": "eps_u + s*(eps_c - eps_u); lineage w = s - 1", "seed": self.seed}
+
+
+@dataclass
+class PretrainConfig:
+    """Train a base model (or, with `exclude_class`, the retrain baseline) on a dataset."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    out: str = "runs/base"
+    exclude_class: int | None = None
+    backbone: Literal["lineage-unet", "diffusers-unet"] = "lineage-unet"
+    model_preset: str = "digits"
+    iterations: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_rate: float = 0.999
+    ema_warmup: bool = True
+    cfg_dropout: float = 0.1
+    hflip: bool = False
+    save_weights: Literal["ema", "raw"] = "ema"
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class MaskConfig:
+    """SFRon's Fisher-ratio saliency mask (reference §2.1.1): m = (F_f + 1e-15)/(F_r + 1e-15) ≥ γ."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    forget_class: int = 0
+    out: str = "mask.safetensors"
+    gamma: float = 3.0
+    fisher_batch_size: int = 128
+    fisher_max_batches: int | None = None
+    fisher_on_guided_output: bool = False  # reference quirk: Fisher of 3ε_c − 2ε_∅ (§7.7)
+    fisher_clip: float | None = None  # reference quirk: clip each batch gradient to norm 1.0 (§7.7)
+    fisher_guidance_w: float = 2.0
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class ForgetConfig:
+    """Unlearn one class (paper Algorithm 1, SFRon §2.1). Defaults are the correct behaviour; reference
+    quirks are named switches that the paper presets turn on."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    forget_class: int = 0
+    out: str = "runs/forget"
+    method: Literal["sfron"] = "sfron"
+    optim: Literal["dual", "shared"] = "dual"
+    schedule: Literal["alternate", "joint"] = "alternate"
+    mask: str | None = None
+    iterations: int = 150  # T_out
+    forget_steps: int = 1  # T_f
+    retain_steps: int = 1  # T_r
+    batch_size: int = 128
+    retain_batch_size: int | None = None
+    forget_optim: str = "adamw"
+    retain_optim: str = "adamw"
+    forget_lr: float = 1e-4  # η_f
+    retain_lr: float = 1e-4  # η_r (also the shared optimizer's lr)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    forget_weight_decay: float = 0.0
+    retain_weight_decay: float = 0.0
+    alpha: float = 1.0  # forget-loss weight α
+    alpha_schedule: Literal["cosine", "constant"] = "cosine"
+    adaptive_lambda: float = 0.5  # λ of adaptive gradient ascent
+    retain_alpha: float = 1.0  # ρ
+    grad_clip: float = 1.0
+    clip_retain: bool = True  # the DDPM reference clips both steps (DiT's does not, §3.2)
+    ema_rate: float = 1e-4  # reference SFRon rate: the EMA tracks the weights (§1.3)
+    cfg_dropout: float = 0.1  # label dropout in the retain loss, as pretraining
+    cfg_dropout_in_forget_loss: bool = False  # reference quirk (§7.6)
+    gamma: float = 3.0
+    fisher_batch_size: int = 128
+    fisher_max_batches: int | None = None
+    fisher_on_guided_output: bool = False
+    fisher_clip: float | None = None
+    fisher_guidance_w: float = 2.0
+    grid_per_class: int = 8
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    checkpoint_every: int = 25
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def mask_config(self) -> MaskConfig:
+        shared = {f.name for f in dataclasses.fields(MaskConfig)} - {"out"}
+        return MaskConfig(out=str(Path(self.out) / "mask.safetensors"),
+                          **{k: getattr(self, k) for k in shared})
+
+
+@dataclass
+class SampleConfig:
+    """Draw labelled grids (one row per class) and/or PNG folders named by image index."""
+
+    model: str = ""
+    classes: str = "all"
+    per_class: int = 8
+    grid: str | None = None
+    out_dir: str | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """FA, retained accuracy and FID of a model for one forgotten class."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    forget_class: int = 0
+    classifier: str = ""
+    out: str = "metrics.json"
+    fa_samples: int = 500
+    retain_samples_per_class: int = 200
+    fid_extractor: Literal["auto", "inception", "classifier"] = "auto"
+    fid_weights: str | None = None
+    fid_reference_count: int | None = None
+    cache_dir: str = DEFAULT_CACHE
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig:
+    """The whole path on the embedded digits: base model, classifier, SFRon + DualOptim, evaluation, report."""
+
+    forget_class: int = 0
+    out: str = "runs/demo"
+    optim: Literal["dual", "shared"] = "dual"
+    cache_dir: str = DEFAULT_CACHE
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- YAML and CLI
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _flat_fields(cls: type) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Map each leaf field name to (path, type), descending into nested dataclasses."""
+    out: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for name, tp in _field_types(cls).items():
+        if _is_dataclass_type(tp):
+            for sub, (path, stp) in _flat_fields(tp).items():
+                out[sub] = ((name, *path), stp)
+        else:
+            out[name] = ((name,), tp)
+    return out
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args or tp is type(None):
+            return None
+        raise UserError(f"config field {name!r} cannot be null")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config field {name!r} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"config field {name!r} expects true/false, got {value!r}")
+        return bool(value)
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config field {name!r} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def build_config(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config from a (possibly flat) dict; unknown keys are an error naming the valid ones."""
+    flat = _flat_fields(cls)
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        hints = _field_types(cls)
+        if key in hints and _is_dataclass_type(hints[key]) and isinstance(value, dict):
+            for sk, sv in value.items():
+                path, tp = flat[sk.replace("-", "_")]
+                _set_path(nested, path, _coerce(sv, tp, sk))
+            continue
+        if key not in flat:
+            raise UserError(f"unknown option {key!r} for {cls.__name__}; valid: {', '.join(sorted(flat))}")
+        path, tp = flat[key]
+        _set_path(nested, path, _coerce(value, tp, key))
+    return _instantiate(cls, nested)
+
+
+def _set_path(d: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        d = d.setdefault(p, {})
+    d[path[-1]] = value
+
+
+def _instantiate(cls: type, nested: dict) -> Any:
+    hints = _field_types(cls)
+    kwargs = {k: (_instantiate(hints[k], v) if _is_dataclass_type(hints[k]) else v) for k, v in nested.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(known) or 'none'}")
+    return path
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per leaf field (`forget_class` → `--forget-class`), defaults suppressed so that only
+    flags the user gave override the YAML."""
+    parser.add_argument("--config", help="YAML file of options (flags given here override it)")
+    parser.add_argument("--preset", help=f"a named YAML preset from {CONFIG_DIR}")
+    defaults = _defaults(cls)
+    for name, (path, tp) in _flat_fields(cls).items():
+        flag = "--" + name.replace("_", "-")
+        help_default = f"(default: {defaults[name]})"
+        base = _unwrap_optional(tp)
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_default)
+        elif typing.get_origin(base) is Literal:
+            parser.add_argument(flag, choices=list(typing.get_args(base)), default=argparse.SUPPRESS,
+                                help=help_default)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag, nargs=len(typing.get_args(base)), default=argparse.SUPPRESS,
+                                help=help_default)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_default)
+    if "guidance_scale" in _flat_fields(cls):
+        parser.add_argument("--guidance-w", type=float, default=argparse.SUPPRESS,
+                            help="the lineage's guidance w; sets --guidance-scale to 1 + w")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0]
+    return tp
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    inst = cls()
+    out = {}
+    for name, (path, _) in _flat_fields(cls).items():
+        v = inst
+        for p in path:
+            v = getattr(v, p)
+        out[name] = v
+    return out
+
+
+def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
+    values: dict[str, Any] = {}
+    if getattr(ns, "preset", None):
+        values.update(_flatten_yaml(cls, load_yaml(preset_path(ns.preset))))
+    if getattr(ns, "config", None):
+        values.update(_flatten_yaml(cls, load_yaml(ns.config)))
+    flat = _flat_fields(cls)
+    for name in flat:
+        if hasattr(ns, name):
+            values[name] = getattr(ns, name)
+    if hasattr(ns, "guidance_w"):
+        values["guidance_scale"] = 1.0 + ns.guidance_w
+    return build_config(cls, values)
+
+
+def _flatten_yaml(cls: type, data: dict) -> dict:
+    hints = _field_types(cls)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        k = k.replace("-", "_")
+        if k in hints and _is_dataclass_type(hints[k]) and isinstance(v, dict):
+            out.update({sk.replace("-", "_"): sv for sk, sv in v.items()})
+        elif k.startswith("_"):
+            continue  # documentation keys such as `_source` in presets
+        else:
+            out[k] = v
+    return out
+
+
+def write_config_yaml(cfg: Any, path: str | Path) -> None:
+    from diffusion_unlearn.fileio import atomic_path
+
+    data = config_to_dict(cfg)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when a GPU is present, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but no CUDA GPU is present; use --device cpu")
+    return device

@@ -1,0 +1,38 @@
+"""The DDPM forward process as the lineage code defines it (reference-implementation.md §1.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def linear_betas(num_steps: int = NUM_TRAIN_TIMESTEPS, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
+    """β_t = linspace(start, end) built in float64, then cast to float32, exactly as the reference."""
+    return torch.from_numpy(np.linspace(start, end, num_steps, dtype=np.float64)).float()  # (T,)
+
+
+class NoiseSchedule:
+    """ᾱ_t = Π_{s≤t}(1 − β_s) in float32, indexed by the 0-based step t (so ᾱ_0 = 1 − β_0)."""
+
+    def __init__(self, betas: torch.Tensor | None = None):
+        self.betas = linear_betas() if betas is None else betas.float()  # (T,)
+        self.alphas_cumprod = (1 - self.betas).cumprod(dim=0)  # (T,)
+        self.num_steps = len(self.betas)
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        self.betas = self.betas.to(device)
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε."""
+        a = self.alphas_cumprod.index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
+        return x0 * a.sqrt() + noise * (1.0 - a).sqrt()
+
+
+def antithetic_timesteps(batch: int, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draw B//2+1 uniform steps, append T−1−t for each, keep the first B (reference §1.2)."""
+    t = torch.randint(0, num_steps, (batch // 2 + 1,), device=device)  # (B//2+1,)
+    return torch.cat([t, num_steps - 1 - t])[:batch]  # (B,)

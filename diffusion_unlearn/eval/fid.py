@@ -1,0 +1,201 @@
+"""FID through torch-fidelity, with reference statistics cached under a name that cannot go stale.
+
+torch-fidelity keys cached statistics by name only, so the reference name carries everything the
+statistics depend on: dataset, root, split, transform, excluded class, count, labels and the feature
+extractor's weights hash. Two feature extractors: torch-fidelity's `inception-v3-compat` (weights from
+a local file: nothing is downloaded) and the penultimate features of an FA classifier (for digits,
+where Inception makes no sense).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from diffusion_unlearn.data import ImageDataset
+from diffusion_unlearn.config import resolve_device
+from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier, sha256_file
+from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
+CLASSIFIER_EXTRACTOR = "diffusion-unlearn-classifier"
+CHUNK = 500  # images converted to uint8 at a time
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → uint8 in 0..255, as a sampler saving PNGs would."""
+    return ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
+
+
+class UInt8Images(Dataset):
+    """The uint8 (C, H, W) images torch-fidelity reads, converted in chunks from a [-1, 1] source.
+
+    `read(indices)` returns images (B, C, H, W) in [-1, 1]. With `rgb`, one channel is repeated to three.
+    """
+
+    def __init__(self, read: Callable[[torch.Tensor], torch.Tensor], count: int, rgb: bool):
+        self.read, self.count, self.rgb = read, count, rgb
+        self._start, self._chunk = -1, torch.empty(0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i // CHUNK * CHUNK
+        if start != self._start:  # torch-fidelity reads in order: one chunk at a time
+            chunk = to_uint8(self.read(torch.arange(start, min(start + CHUNK, self.count))))  # (B, C, H, W)
+            self._start, self._chunk = start, chunk.expand(-1, 3, -1, -1) if self.rgb else chunk
+        return self._chunk[i - start]  # (C, H, W)
+
+
+def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: int | None) -> torch.Tensor:
+    """The first `count` items (all if None) of `dataset` not labelled `excluded_class`."""
+    keep = torch.arange(len(dataset))  # (N,)
+    if excluded_class is not None:
+        keep = keep[dataset.targets != excluded_class]
+    if count is not None and not 2 <= count <= len(keep):
+        raise UserError(
+            f"FID reference count {count} is out of range: {dataset.name}/{dataset.split} has {len(keep)} images "
+            f"outside the excluded class; pass a count in 2..{len(keep)}"
+        )
+    return keep[:count]
+
+
+def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, count: int, extractor_id: str) -> str:
+    """The name torch-fidelity caches the reference statistics under; it changes whenever they would."""
+    labels = dataset.targets[reference_indices(dataset, excluded_class, count)].numpy().tobytes()
+    parts = [
+        dataset.name,
+        *([f"root{_short_hash(str(Path(dataset.root).resolve()).encode())}"] if dataset.root is not None else []),
+        dataset.split,
+        "all" if excluded_class is None else f"excl{excluded_class}",
+        dataset.transform_id,
+        f"n{count}",
+        f"labels{_short_hash(labels)}",  # distinguishes subset views of the same dataset
+        extractor_id,
+    ]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- feature extractors
+
+
+class ClassifierFeatures(FeatureExtractorBase):
+    """Penultimate features of an FA classifier; `feature_extractor_weights_path` is its folder."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str, **kwargs):
+        super().__init__(name, features_list)
+        self.classifier = load_classifier(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("penultimate",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "penultimate"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        images = x.float() / 255 * 2 - 1  # (N, C, H, W) uint8 → [-1, 1]
+        return (self.classifier.features(images),)  # (N, D)
+
+
+if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatures)
+
+
+def find_inception_weights(path: str | None) -> Path:
+    """The local Inception weights file: `path`, else torch hub's cache; never a download."""
+    how = f"download {URL_INCEPTION_V3} on a machine with internet and pass --fid-weights FILE"
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"Inception weights {path} not found; {how}")
+        return Path(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if not cached.is_file():
+        raise UserError(f"Inception weights for FID not found (looked for {cached}); {how}")
+    return cached
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def compute_fid(
+    generated: torch.Tensor,
+    reference: ImageDataset,
+    *,
+    extractor: Literal["inception"] | FAClassifier,
+    excluded_class: int | None,
+    reference_count: int | None = None,
+    cache_dir: str | Path,
+    inception_weights: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    """FID between `generated` (N, C, H, W) in [-1, 1] and the first `reference_count` reference images.
+
+    The reference images skip `excluded_class`; their statistics are cached in `cache_dir`.
+    """
+    want = (reference.channels, reference.image_size, reference.image_size)
+    if generated.ndim != 4 or tuple(generated.shape[1:]) != want or len(generated) < 2:
+        raise UserError(
+            f"generated images {tuple(generated.shape)} do not fit {reference.name} (N, {want[0]}, {want[1]}, "
+            f"{want[2]}) with N >= 2; generate at least 2 images at the dataset's resolution"
+        )
+    keep = reference_indices(reference, excluded_class, reference_count)
+    if extractor == "inception":
+        weights = find_inception_weights(inception_weights)
+        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
+        sha = sha256_file(weights)
+        name, layer, extractor_id = INCEPTION, "2048", f"{INCEPTION}-{sha[:16]}"
+        label = f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"
+    elif isinstance(extractor, FAClassifier) and extractor.path is not None:
+        weights, sha, arch = extractor.path, extractor.weights_sha256, extractor.meta["arch"]
+        name, layer, extractor_id = CLASSIFIER_EXTRACTOR, "penultimate", f"{arch}-{sha[:16]}"
+        label = f"{arch} penultimate (sha256 {sha[:12]})"
+    else:
+        raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
+    rgb = name == INCEPTION
+    cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id)
+    metrics = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(lambda idx: generated[idx], len(generated), rgb),
+        input2=UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), rgb),
+        input2_cache_name=cache_name,
+        fid=True,
+        feature_extractor=name,
+        feature_layer_fid=layer,
+        feature_extractor_weights_path=str(weights),
+        cuda=torch.device(resolve_device(str(device))).type == "cuda",
+        batch_size=128,
+        save_cpu_ram=True,
+        cache=True,
+        cache_root=str(cache_dir),
+        verbose=False,
+    )
+    return {
+        "fid": float(metrics["frechet_inception_distance"]),
+        "fid_feature_extractor": label,
+        "fid_reference_count": len(keep),
+        "fid_generated_count": len(generated),
+        "fid_reference_cache": cache_name,
+    }

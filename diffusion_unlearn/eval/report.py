@@ -1,0 +1,74 @@
+"""A Markdown report of one unlearning run: before/after grids, the metrics table, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from diffusion_unlearn.fileio import atomic_path
+
+
+def loss_plot(log_path: str | Path, out_png: str | Path) -> None:
+    """Forget and retain losses (and α_k) per iteration from a `log.jsonl`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+    it = [r["iteration"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("forget_loss", "retain_loss", "alpha"),
+                              ("forget loss α_k·ℓ_F", "retain loss ℓ_R", "α_k")):
+        ax.plot(it, [r.get(key, float("nan")) for r in records], lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+
+def metrics_table(base: dict, unlearned: dict) -> str:
+    rows = [("FA (forgotten class still drawn) ↓", "fa", True), ("retained-class accuracy ↑", "retain_accuracy", True),
+            ("FID on retained classes ↓", "fid", False), ("mean p(forgotten class) ↓", "forget_mean_prob", False),
+            ("mean entropy on forgotten class", "forget_mean_entropy", False)]
+    lines = ["| metric | base | unlearned | unlearned / base |", "|---|---|---|---|"]
+    for label, key, pct in rows:
+        b, u = base.get(key), unlearned.get(key)
+        ratio = f"{u / b:.2f}" if b not in (None, 0) and u is not None else "–"
+        lines.append(f"| {label} | {_fmt(b, pct)} | {_fmt(u, pct)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, grid_before: Path, grid_after: Path,
+                 loss_png: Path, notes: list[str]) -> Path:
+    path = Path(path)
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    protocol = (f"{unlearned['sampler']} {unlearned['steps']} steps (η={unlearned['eta']}), guidance s="
+                f"{unlearned['guidance_scale']:g} (lineage w={unlearned['guidance_w']:g}), seed {unlearned['seed']}; "
+                f"FA on {unlearned['fa_samples']} samples, retained accuracy and FID on {unlearned['retain_samples']} "
+                f"samples vs {unlearned['fid_reference_count']} real images; FID features: "
+                f"{unlearned['fid_feature_extractor']}")
+    text = "\n".join([
+        f"# {title}", "",
+        f"Forgotten class: **{unlearned['forget_class_name']}** (index {unlearned['forget_class']}).", "",
+        metrics_table(base, unlearned), "",
+        f"Protocol: {protocol}.", "",
+        "## Samples (one row per class)", "",
+        f"| before | after |", "|---|---|",
+        f"| ![before]({rel(grid_before)}) | ![after]({rel(grid_after)}) |", "",
+        "## Losses", "", f"![losses]({rel(loss_png)})", "",
+        *([f"- {n}" for n in notes]), "",
+    ])
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path

@@ -1,0 +1,40 @@
+"""SFRon (Huang et al.), as the DualOptim reference runs it on DDPM (reference-implementation.md §2.1).
+
+Forget loss: adaptive gradient ascent ℓ_F = −Σ_i w_i ℓ_i with w_i = sg[ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}] (λ = 0.5),
+so samples the model still fits well get the larger ascent weight. Retain loss: ρ·L_simple with CFG label
+dropout, as in pretraining. The mask is the Fisher ratio (saliency.ratio_mask), applied to forget gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
+    """w_i = ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}, detached; computed as 1/(ℓ^λ + 1e-8) like the reference."""
+    inv = 1.0 / (losses.detach() ** lam + 1e-8)  # (B,)
+    return inv / inv.sum()
+
+
+@dataclass
+class SFRon:
+    adaptive_lambda: float = 0.5
+    retain_alpha: float = 1.0
+    cfg_dropout: float = 0.1
+    cfg_dropout_in_forget_loss: bool = False  # reference quirk §7.6: ascend the null branch too
+
+    name = "sfron"
+    mask_kind = "fisher-ratio"
+    mask_retain = False  # only the forget gradient is masked
+
+    def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ_F = −Σ_i w_i ℓ_i (the loop multiplies by α_k)."""
+        dropout = self.cfg_dropout if self.cfg_dropout_in_forget_loss else 0.0
+        losses = backbone.per_sample_loss(x, y, cfg_dropout=dropout)  # (B,)
+        return -(adaptive_weights(losses, self.adaptive_lambda) * losses).sum()
+
+    def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ_R = ρ · mean_i ℓ_i with CFG label dropout."""
+        return self.retain_alpha * backbone.per_sample_loss(x, y, cfg_dropout=self.cfg_dropout).mean()

@@ -1,0 +1,114 @@
+"""Guided sampling of a pixel-space class-conditional DDPM as a diffusers `DiffusionPipeline`."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from tqdm.auto import tqdm
+
+from diffusion_unlearn.diffusion import NUM_TRAIN_TIMESTEPS, linear_betas
+
+
+def training_scheduler() -> DDPMScheduler:
+    """The training process as a diffusers scheduler: the reference's float64→float32 linear betas
+    (passed as `trained_betas`, since diffusers builds its linspace in float32) and no x̂0 clipping."""
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, trained_betas=linear_betas().tolist(),
+                         clip_sample=False, prediction_type="epsilon", variance_type="fixed_small")
+
+
+def sampling_scheduler(config, sampler: str):
+    """DDIM (η from the call) or ancestral DDPM, both with `clip_sample=False`: `from_config` would inherit
+    `clip_sample=True` from stock DDPM configs, which ruins guided samples."""
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True,
+                                         timestep_spacing="leading")
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small")
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def unet_num_classes(unet: torch.nn.Module) -> int:
+    """K, the number of real classes; the null class is index K for every backbone."""
+    cfg = unet.config
+    if getattr(cfg, "num_classes", None) is not None:
+        return int(cfg.num_classes)
+    return int(cfg.num_class_embeds) - 1  # diffusers UNet2DModel: K + 1 embeddings, the last one null
+
+
+def unet_sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a U-Net denoises (lineage `image_size` or diffusers `sample_size`)."""
+    cfg = unet.config
+    size = getattr(cfg, "image_size", None) or cfg.sample_size
+    return (int(cfg.in_channels), int(size), int(size))
+
+
+def predict_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    out = unet(x, t, class_labels=labels)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float,
+               null_class: int) -> torch.Tensor:
+    """ε̃ = ε_u + s(ε_c − ε_u), conditional and null halves in one batched forward (s = 1 + w)."""
+    null = torch.full_like(labels, null_class)
+    if scale == 1.0:
+        return predict_eps(unet, x, t, labels)
+    eps = predict_eps(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, H, W)
+    eps_c, eps_u = eps.chunk(2)  # (B, C, H, W) each
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 32-bit seed per (run seed, image index): torch's CPU generator keeps only the low 32 bits of a
+    seed, so `seed << 32 | index` would collide across run seeds."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest(), "little")
+
+
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per image index, so a sample set never depends on batch size or process count."""
+    return [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """Class-conditional DDPM sampling with classifier-free guidance (DDIM with η, or ancestral DDPM)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: DDPMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, class_labels: Sequence[int] | torch.Tensor, *, guidance_scale: float = 3.0,
+                 num_inference_steps: int = 50, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+                 indices: Sequence[int] | None = None, batch_size: int = 500,
+                 progress: bool = True) -> torch.Tensor:
+        """Images in [-1, 1], (N, C, H, W) on the CPU. Image n uses the generator of `indices[n]`."""
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()  # (N,)
+        indices = list(range(len(labels))) if indices is None else list(indices)
+        unet = self.unet
+        device = unet.device
+        scheduler = sampling_scheduler(self.scheduler.config, sampler)
+        shape = unet_sample_shape(unet)
+        null_class = unet_num_classes(unet)
+        was_training = unet.training
+        unet.eval()
+        out = []
+        n_batches = (len(labels) + batch_size - 1) // batch_size
+        bar = tqdm(total=n_batches * num_inference_steps, desc="sampling", disable=not progress, leave=False)
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size].to(device)  # (B,)
+            gens = image_generators(seed, indices[start:start + batch_size])
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, H, W)
+            scheduler.set_timesteps(num_inference_steps)
+            for t in scheduler.timesteps:
+                tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)  # (B,)
+                eps = guided_eps(unet, x, tt, y, guidance_scale, null_class)  # (B, C, H, W)
+                step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+                x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
+                bar.update(1)
+            out.append(x.float().cpu())
+        bar.close()
+        unet.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, *shape)

@@ -1,0 +1,99 @@
+"""Train a base model, or with `exclude_class` the retrain baseline (the gold standard, reference §1.6)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_unlearn.config import PretrainConfig, config_to_dict, resolve_device
+from diffusion_unlearn.data import BatchStream, load_dataset
+from diffusion_unlearn.ema import EMA
+from diffusion_unlearn.fileio import UserError, read_json, write_json
+from diffusion_unlearn.modelfolder import ModelMeta, save_model_folder
+from diffusion_unlearn.models.factory import build_unet
+from diffusion_unlearn.optim import OptimizerSpec
+from diffusion_unlearn.pipelines.backbone import DDPMBackbone
+
+STATE_FILE = "training_state.pt"
+TRAINING_FILE = "training.json"
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train with AdamW (or `optimizer`), EMA, gradient clipping and CFG label dropout on the linear-β DDPM.
+
+    The output folder is a model folder rewritten atomically at every checkpoint; while unfinished it also
+    holds `training_state.pt`, from which a rerun resumes. A finished folder is reused, not retrained.
+    """
+    out = Path(cfg.out)
+    if (out / TRAINING_FILE).is_file() and not (out / STATE_FILE).is_file():
+        return read_json(out / TRAINING_FILE)
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    k = dataset.num_classes
+    if cfg.exclude_class is not None:
+        if not 0 <= cfg.exclude_class < k:
+            raise UserError(f"--exclude-class {cfg.exclude_class} is outside the dataset's classes 0..{k - 1}")
+        dataset = dataset.with_classes([c for c in range(k) if c != cfg.exclude_class])
+
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.backbone, cfg.model_preset, channels=dataset.channels, image_size=dataset.image_size,
+                      num_classes=k).to(device)
+    backbone = DDPMBackbone(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = OptimizerSpec(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay).build(params)
+    ema = EMA(unet, cfg.ema_rate, warmup=cfg.ema_warmup)
+    stream = BatchStream(dataset, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    start, losses = 0, []
+    if (out / STATE_FILE).is_file():
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        unet.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        ema.load_state_dict(state["ema"])
+        stream.load_state_dict(state["stream"])
+        torch.set_rng_state(state["rng"])
+        start, losses = state["iteration"], state["losses"]
+
+    meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, dataset=cfg.dataset,
+                     excluded_classes=[] if cfg.exclude_class is None else [cfg.exclude_class],
+                     history=[{"op": "pretrain", "iterations": cfg.iterations, "seed": cfg.seed}])
+
+    def checkpoint(iteration: int, final: bool) -> None:
+        weights = ema.weights() if cfg.save_weights == "ema" else None
+        raw = {n: p.detach().clone() for n, p in unet.named_parameters()} if weights else None
+        if weights:
+            ema.copy_to(unet)
+        state = None if final else {"iteration": iteration, "model": raw or unet.state_dict(),
+                                    "optim": opt.state_dict(), "ema": ema.state_dict(),
+                                    "stream": stream.state_dict(), "rng": torch.get_rng_state(), "losses": losses}
+        save_model_folder(out, unet, meta)
+        if state is not None:
+            torch.save(state, out / STATE_FILE)  # the folder itself was just replaced atomically
+        if raw:
+            with torch.no_grad():
+                for n, p in unet.named_parameters():
+                    p.copy_(raw[n])
+
+    unet.train()
+    started = time.perf_counter()
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="pretrain")
+    for it in bar:
+        x, y = stream.next()
+        loss = backbone.per_sample_loss(x.to(device), y.to(device), cfg_dropout=cfg.cfg_dropout).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        ema.update()
+        if (it + 1) % 50 == 0:
+            losses.append([it + 1, loss.item()])
+            bar.set_postfix(loss=f"{losses[-1][1]:.2f}")
+        if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+            checkpoint(it + 1, final=False)
+    checkpoint(cfg.iterations, final=True)
+    summary = {"out": str(out), "iterations": cfg.iterations, "seconds_this_run": time.perf_counter() - started,
+               "final_loss": losses[-1][1] if losses else None, "losses": losses, "config": config_to_dict(cfg)}
+    write_json(out / TRAINING_FILE, summary)
+    return summary

@@ -1,0 +1,270 @@
+"""The unlearning loop (paper Algorithm 1), written once for every method, backbone and optimizer setup.
+
+Per outer iteration k: α_k; T_f forget steps (mask → clip → forget optimizer); T_r retain steps (clip →
+retain optimizer); one EMA update. `joint` instead takes one step on ℓ_R + α_k·ℓ_F. The loop runs under
+accelerate, saves a resumable state every `checkpoint_every` iterations, and stops on a non-finite loss
+keeping the last good state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from diffusion_unlearn.config import ForgetConfig, MaskConfig, config_to_dict, resolve_device, write_config_yaml
+from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split, load_dataset
+from diffusion_unlearn.ema import EMA
+from diffusion_unlearn.fileio import UserError, append_jsonl, atomic_path, torch_save_atomic
+from diffusion_unlearn.grids import save_image_atomic
+from diffusion_unlearn.methods import build_method
+from diffusion_unlearn.modelfolder import check_model_data, load_model_folder, save_model_folder
+from diffusion_unlearn.optim import DualOptim, OptimizerSpec
+from diffusion_unlearn.pipelines.backbone import DDPMBackbone
+from diffusion_unlearn.saliency import GradientMask, compute_mask, load_mask, mask_density, save_mask
+from diffusion_unlearn.sample import class_grid
+
+StepCallback = Callable[[int, str], None]  # (iteration, "forget" | "retain" | "joint"), after each step
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+def alpha_at(k: int, total: int, alpha: float, schedule: str) -> float:
+    """α_k = α·(1 + cos(πk/K))/2 for the cosine schedule (reference losses.py), else α."""
+    if schedule == "cosine":
+        return alpha * (1.0 + math.cos(math.pi * k / total)) / 2.0
+    return alpha
+
+
+@dataclass
+class OutputPaths:
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:
+        files = {"state": "state.pt", "log": "log.jsonl", "config": "config.yaml", "mask": "mask.safetensors",
+                 "model": "model", "ema": "ema.safetensors", "optimizers": "optimizers.pt",
+                 "grid_before": "grid-before.png", "grid_after": "grid-after.png"}
+        if name not in files:
+            raise AttributeError(name)
+        return self.root / files[name]
+
+
+# ----------------------------------------------------------------------------- checks before any work
+
+
+def check_output_folder(out: Path, model: Path) -> None:
+    out, model = out.resolve(), model.resolve()
+    if out == model or model in out.parents:
+        raise UserError(f"--out {out} is the input model folder or inside it; choose another folder "
+                        "(the input model is never written to)")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Unlearner:
+    """Holds everything the loop mutates, so that it can be saved and restored bitwise."""
+
+    def __init__(self, cfg: ForgetConfig, backbone: DDPMBackbone, forget_set: ImageDataset,
+                 retain_set: ImageDataset, grad_mask: GradientMask | None, accelerator: Accelerator):
+        self.cfg, self.backbone, self.accelerator, self.grad_mask = cfg, backbone, accelerator, grad_mask
+        self.method = build_method(cfg)
+        unet = backbone.unet
+        forget = OptimizerSpec(cfg.forget_optim, cfg.forget_lr, tuple(cfg.betas), cfg.momentum, cfg.forget_weight_decay)
+        retain = OptimizerSpec(cfg.retain_optim, cfg.retain_lr, tuple(cfg.betas), cfg.momentum, cfg.retain_weight_decay)
+        self.optim = DualOptim(unet.parameters(), forget, retain, shared=cfg.optim == "shared")
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.ema = EMA(unet, cfg.ema_rate)
+        rank = accelerator.process_index
+        self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed * 1000 + 2 * rank)
+        self.retain_stream = BatchStream(retain_set, cfg.retain_batch_size or cfg.batch_size,
+                                         seed=cfg.seed * 1000 + 2 * rank + 1)
+        self.iteration = 0
+
+    # -- state
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"iteration": self.iteration, "model": self.backbone.unet.state_dict(),
+                "optim": self.optim.state_dict(), "ema": self.ema.state_dict(), "rng": rng,
+                "forget_stream": self.forget_stream.state_dict(), "retain_stream": self.retain_stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.backbone.unet.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.ema.load_state_dict(state["ema"])
+        self.forget_stream.load_state_dict(state["forget_stream"])
+        self.retain_stream.load_state_dict(state["retain_stream"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # -- steps
+
+    def _batch(self, stream: BatchStream) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = stream.next()
+        return x.to(self.accelerator.device), y.to(self.accelerator.device)
+
+    def _backward(self, loss: torch.Tensor, phase: str, *, mask: bool, clip: bool) -> dict:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{phase} loss became {value} at iteration {self.iteration}; the last good "
+                                     "state is kept in state.pt — lower the learning rates or α and rerun")
+        self.optim.zero_grad()
+        self.accelerator.backward(loss)
+        if mask and self.grad_mask is not None:
+            self.grad_mask.apply()  # mask first, then clip (SFRon order, reference §2.1 step 3)
+        norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.grad_clip) if clip else None
+        return {f"{phase}_loss": value, **({f"{phase}_grad_norm": float(norm)} if norm is not None else {})}
+
+    def run_iteration(self, callback: StepCallback | None) -> dict:
+        cfg, k = self.cfg, self.iteration
+        alpha = alpha_at(k, cfg.iterations, cfg.alpha, cfg.alpha_schedule)
+        record: dict = {"iteration": k, "alpha": alpha}
+        self.backbone.model.train()
+        if cfg.schedule == "alternate":
+            for _ in range(cfg.forget_steps):
+                x, y = self._batch(self.forget_stream)
+                loss = alpha * self.method.forget_loss(self.backbone, x, y)
+                record |= self._backward(loss, "forget", mask=True, clip=True)
+                self.optim.forget_step()
+                callback and callback(k, "forget")
+            for _ in range(cfg.retain_steps):
+                x, y = self._batch(self.retain_stream)
+                loss = self.method.retain_loss(self.backbone, x, y)
+                record |= self._backward(loss, "retain", mask=self.method.mask_retain, clip=cfg.clip_retain)
+                self.optim.retain_step()
+                callback and callback(k, "retain")
+        else:  # joint: one step on ℓ_R + α_k ℓ_F with the retain optimizer; the mask is applied (§7.2 fixed)
+            xf, yf = self._batch(self.forget_stream)
+            xr, yr = self._batch(self.retain_stream)
+            forget = self.method.forget_loss(self.backbone, xf, yf)
+            retain = self.method.retain_loss(self.backbone, xr, yr)
+            record |= {"forget_loss": forget.item()}
+            record |= self._backward(retain + alpha * forget, "joint", mask=True, clip=True)
+            self.optim.retain_step()
+            callback and callback(k, "joint")
+        self.ema.update()
+        self.iteration = k + 1
+        return record
+
+    def run(self, paths: OutputPaths, callback: StepCallback | None = None) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"forget {cfg.method}+{cfg.optim}",
+                   disable=not acc.is_main_process)
+        while self.iteration < cfg.iterations:
+            t0 = time.perf_counter()
+            record = self.run_iteration(callback)
+            record["seconds"] = time.perf_counter() - t0
+            if acc.is_main_process:
+                append_jsonl(paths.log, record)
+                bar.update(1)
+                bar.set_postfix(f=f"{record.get('forget_loss', 0):.3g}", r=f"{record.get('retain_loss', 0):.3g}")
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                    torch_save_atomic(self.state_dict(), paths.state)
+            acc.wait_for_everyone()
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- the `forget` subcommand
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """On resume, drop log records of iterations that will be run again."""
+    if not path.exists():
+        return
+    import json
+
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < iteration]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
+    """Unlearn `cfg.forget_class`; write model, mask, config, log, optimizer states and grids to `cfg.out`.
+    A folder holding `state.pt` from a killed run resumes where it stopped."""
+    out, model_dir = Path(cfg.out), Path(cfg.model)
+    check_output_folder(out, model_dir)
+    paths = OutputPaths(out)
+    if paths.model.exists() and not paths.state.exists():
+        raise UserError(f"{out} already holds a finished run; choose another --out")
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    loaded = load_model_folder(model_dir, accelerator.device)
+    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    check_model_data(loaded, dataset, cfg.forget_class)
+    mask = load_mask(cfg.mask, loaded.unet) if cfg.mask else None
+    forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
+
+    out.mkdir(parents=True, exist_ok=True)
+    resuming = paths.state.exists()
+    torch.manual_seed(cfg.seed)
+    unet = loaded.unet
+    backbone = DDPMBackbone(unet)
+    if mask is None:
+        if paths.mask.exists():
+            mask = load_mask(paths.mask, unet)
+        else:
+            mask = compute_mask(backbone, forget_set, retain_set, cfg.mask_config())
+    if not paths.mask.exists():
+        save_mask(paths.mask, mask, {"kind": "sfron-fisher-ratio", "forget_class": cfg.forget_class,
+                                     "gamma": cfg.gamma, "source": str(cfg.mask or "computed")})
+    write_config_yaml(cfg, paths.config)
+    names = loaded.meta.class_names
+    grid = lambda title: class_grid(loaded.pipeline, names, range(len(names)), cfg.grid_per_class,  # noqa: E731
+                                    cfg.sampler, title)
+    if accelerator.is_main_process and not paths.grid_before.exists():
+        save_image_atomic(grid(f"before: {model_dir.name}"), paths.grid_before)
+
+    backbone = DDPMBackbone(unet, model=accelerator.prepare_model(unet))
+    unlearner = Unlearner(cfg, backbone, forget_set, retain_set, GradientMask(unet, mask), accelerator)
+    if resuming:
+        unlearner.load_state_dict(torch.load(paths.state, map_location="cpu", weights_only=True))
+        _truncate_log(paths.log, unlearner.iteration)
+    elif paths.log.exists():
+        paths.log.unlink()
+    started = time.perf_counter()
+    unlearner.run(paths, callback)
+    seconds = time.perf_counter() - started
+
+    if accelerator.is_main_process:
+        meta = replace(loaded.meta, weights="raw",
+                       forgotten_classes=sorted({*loaded.meta.forgotten_classes, cfg.forget_class}),
+                       history=[*loaded.meta.history, {"op": "forget", "method": cfg.method, "optim": cfg.optim,
+                                                       "forget_class": cfg.forget_class, "source": str(model_dir),
+                                                       "iterations": cfg.iterations}])
+        save_model_folder(paths.model, unet, meta)
+        with atomic_path(paths.ema) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in unlearner.ema.weights().items()}, str(tmp))
+        torch_save_atomic(unlearner.optim.state_dict(), paths.optimizers)
+        save_image_atomic(grid(f"after: {cfg.method}+{cfg.optim}, forgot {names[cfg.forget_class]}"),
+                          paths.grid_after)
+        paths.state.unlink()
+    return {"out": str(out), "model": str(paths.model), "mask_density": mask_density(mask),
+            "seconds": seconds, "config": config_to_dict(cfg)}
+
+
+def mask(cfg: MaskConfig) -> dict:
+    """The `mask` subcommand: SFRon's Fisher-ratio mask, reusable with `forget --mask FILE`."""
+    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
+    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    check_model_data(loaded, dataset, cfg.forget_class)
+    torch.manual_seed(cfg.seed)
+    forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
+    result = compute_mask(DDPMBackbone(loaded.unet), forget_set, retain_set, cfg)
+    save_mask(cfg.out, result, {"kind": "sfron-fisher-ratio", "forget_class": cfg.forget_class, "gamma": cfg.gamma,
+                                "model": str(cfg.model), "fisher_on_guided_output": cfg.fisher_on_guided_output,
+                                "fisher_clip": cfg.fisher_clip})
+    return {"out": cfg.out, "density": mask_density(result)}

@@ -1,0 +1,163 @@
+"""End to end on a tiny model: forget writes every output; a killed run resumes bitwise; bad input fails fast."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_unlearn.config import ForgetConfig, MaskConfig, SamplerConfig
+from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
+from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
+from diffusion_unlearn.saliency import load_mask, mask_metadata
+from diffusion_unlearn.unlearn import forget, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model_folder(path, ClassConditionalUNet.from_preset("tiny"), ModelMeta(class_names=[str(i) for i in range(10)],
+                                                                              dataset="digits"))
+    return path
+
+
+def _cfg(model, out, **kw):
+    base = dict(model=str(model), dataset="digits", forget_class=3, out=str(out), iterations=4, batch_size=16,
+                fisher_batch_size=64, fisher_max_batches=2, checkpoint_every=1, grid_per_class=2,
+                sampler=SamplerConfig(steps=2, sample_batch_size=64))
+    base.update(kw)
+    return ForgetConfig(**base)
+
+
+def test_forget_writes_every_output(tiny_model, tmp_path):
+    result = forget(_cfg(tiny_model, tmp_path / "run"))
+    run = tmp_path / "run"
+    for name in ("model/model_index.json", "model/diffusion_unlearn.json", "mask.safetensors", "config.yaml",
+                 "log.jsonl", "optimizers.pt", "ema.safetensors", "grid-before.png", "grid-after.png"):
+        assert (run / name).exists(), name
+    assert not (run / "state.pt").exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [0, 1, 2, 3]
+    assert all({"forget_loss", "retain_loss", "alpha"} <= set(r) for r in log)
+    optim = torch.load(run / "optimizers.pt", weights_only=True)
+    assert optim["shared"] is False and optim["forget"]["state"] and optim["retain"]["state"]
+    loaded = load_model_folder(run / "model")
+    assert loaded.meta.weights == "raw" and loaded.meta.forgotten_classes == [3]
+    assert loaded.meta.history[-1]["method"] == "sfron"
+    # the input model folder is untouched
+    base = load_model_folder(tiny_model)
+    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, loaded.unet.state_dict()[k])]
+    assert changed
+    assert load_mask(run / "mask.safetensors", loaded.unet)
+    assert 0 < result["mask_density"] < 1
+
+
+def test_masked_weights_do_not_move_under_dual(tiny_model, tmp_path):
+    """With retain steps off, only the forget optimizer moves weights: masked ones must stay exact."""
+    forget(_cfg(tiny_model, tmp_path / "run", retain_steps=0, ema_rate=0.0))
+    m = load_mask(tmp_path / "run" / "mask.safetensors")
+    before = load_model_folder(tiny_model).unet.state_dict()
+    after = load_model_folder(tmp_path / "run" / "model").unet.state_dict()
+    for k, keep in m.items():
+        assert torch.equal(before[k][~keep], after[k][~keep]), k
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optim", ["dual", "shared"])
+def test_killed_run_resumes_bitwise(tiny_model, tmp_path, optim):
+    forget(_cfg(tiny_model, tmp_path / "full", optim=optim, checkpoint_every=2))
+
+    def kill(iteration, phase):  # between the forget and the retain step of iteration 3
+        if iteration == 3 and phase == "forget":
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        forget(_cfg(tiny_model, tmp_path / "resumed", optim=optim, checkpoint_every=2), callback=kill)
+    assert (tmp_path / "resumed" / "state.pt").exists() and not (tmp_path / "resumed" / "model").exists()
+    forget(_cfg(tiny_model, tmp_path / "resumed", optim=optim, checkpoint_every=2))
+    a = load_file(tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x)["iteration"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 1, 2, 3]
+
+
+def test_joint_schedule_runs(tiny_model, tmp_path):
+    forget(_cfg(tiny_model, tmp_path / "joint", schedule="joint", iterations=2))
+    log = [json.loads(x) for x in (tmp_path / "joint" / "log.jsonl").read_text().splitlines()]
+    assert "joint_loss" in log[0]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_state(tiny_model, tmp_path, monkeypatch):
+    from diffusion_unlearn.methods.sfron import SFRon
+
+    calls = {"n": 0}
+    original = SFRon.retain_loss
+
+    def poisoned(self, backbone, x, y):
+        calls["n"] += 1
+        loss = original(self, backbone, x, y)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(SFRon, "retain_loss", poisoned)
+    with pytest.raises(UserError, match="retain loss became nan at iteration 2"):
+        forget(_cfg(tiny_model, tmp_path / "nan"))
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(forget_class=10), "outside the model's classes 0..9"),
+    (dict(dataset="nonexistent"), "unknown dataset|nonexistent"),
+    (dict(mask="/nonexistent/mask.safetensors"), "mask file not found"),
+])
+def test_bad_input_fails_before_training(tiny_model, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        forget(_cfg(tiny_model, tmp_path / "bad", **change))
+    assert not (tmp_path / "bad" / "state.pt").exists()
+
+
+def test_output_folder_equal_to_input_is_refused(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="input model folder"):
+        forget(_cfg(tiny_model, tiny_model))
+    with pytest.raises(UserError, match="input model folder"):
+        forget(_cfg(tiny_model, tiny_model / "inside"))
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="model folder not found"):
+        forget(_cfg(tmp_path / "missing", tmp_path / "out"))
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot read the model"):
+        forget(_cfg(broken, tmp_path / "out"))
+
+
+def test_dataset_shape_mismatch(tmp_path):
+    torch.manual_seed(0)
+    rgb = tmp_path / "rgb"
+    save_model_folder(rgb, ClassConditionalUNet.from_preset("tiny", in_channels=3, out_ch=3),
+                      ModelMeta(class_names=[str(i) for i in range(10)]))
+    with pytest.raises(UserError, match="3-channel 8px"):
+        forget(_cfg(rgb, tmp_path / "out"))
+
+
+def test_mask_command_and_reuse(tiny_model, tmp_path):
+    cfg = MaskConfig(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
+                     fisher_batch_size=64, fisher_max_batches=1)
+    out = mask(cfg)
+    meta = mask_metadata(tmp_path / "m.safetensors")
+    assert meta["gamma"] == 3.0 and meta["forget_class"] == 3 and meta["density"] == pytest.approx(out["density"])
+    forget(_cfg(tiny_model, tmp_path / "run", mask=str(tmp_path / "m.safetensors"), iterations=1))
+    a, b = load_mask(tmp_path / "m.safetensors"), load_mask(tmp_path / "run" / "mask.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
