@@ -8,16 +8,18 @@ import json
 import sys
 from typing import Callable
 
-from diffusion_unlearn.config import (DemoConfig, EvalConfig, ForgetConfig, MaskConfig, PretrainConfig, SampleConfig,
-                                      add_config_arguments, config_from_args)
+from diffusion_unlearn.config import (ConvertConfig, DemoConfig, EvalConfig, ForgetConfig, MaskConfig, PretrainConfig,
+                                      SampleConfig, add_config_arguments, config_from_args)
 from diffusion_unlearn.fileio import UserError
 
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     # Imported lazily so `--help` stays fast.
+    from diffusion_unlearn.convert import convert
     from diffusion_unlearn.demo import demo
     from diffusion_unlearn.eval.classifier import ClassifierConfig, train_classifier
     from diffusion_unlearn.eval.evaluate import evaluate
+    from diffusion_unlearn.methods import MethodsConfig, list_methods
     from diffusion_unlearn.pretrain import pretrain
     from diffusion_unlearn.sample import sample
     from diffusion_unlearn.unlearn import forget, mask
@@ -27,8 +29,11 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "train-classifier": (ClassifierConfig, train_classifier, "train the FA classifier"),
         "mask": (MaskConfig, mask, "SFRon Fisher-ratio saliency mask"),
         "forget": (ForgetConfig, forget, "unlearn one class (SFRon + DualOptim by default)"),
+        "methods": (MethodsConfig, list_methods, "list the forget methods, their papers and presets"),
         "sample": (SampleConfig, sample, "labelled sample grids and PNG folders"),
         "eval": (EvalConfig, evaluate, "FA, retained accuracy and FID"),
+        "convert": (ConvertConfig, convert, "import the lineage's ckpt.pth or a DiT (→ model folder), mask/Fisher .pt files; "
+                    "export DiT folders"),
         "demo": (DemoConfig, demo, "the whole path on the embedded digits dataset"),
     }
 

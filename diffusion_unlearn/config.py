@@ -69,14 +69,17 @@ class PretrainConfig:
 
 @dataclass
 class MaskConfig:
-    """SFRon's Fisher-ratio saliency mask (reference §2.1.1): m = (F_f + 1e-15)/(F_r + 1e-15) ≥ γ."""
+    """A saliency mask: SFRon's Fisher ratio (reference §2.1.1), m = (F_f + 1e-15)/(F_r + 1e-15) ≥ γ, or SalUn's
+    top-k (§2.2), m = 1 on the `topk_fraction` of all weights with the largest |Σ forget-loss gradient|."""
 
     model: str = ""
     dataset: str = "digits"
     data_root: str | None = None
     forget_class: int = 0
     out: str = "mask.safetensors"
+    kind: Literal["fisher-ratio", "topk"] = "fisher-ratio"
     gamma: float = 3.0
+    topk_fraction: float = 0.5  # SalUn's threshold: the top 50 % (reference §2.2)
     fisher_batch_size: int = 128
     fisher_max_batches: int | None = None
     fisher_on_guided_output: bool = False  # reference quirk: Fisher of 3ε_c − 2ε_∅ (§7.7)
@@ -88,16 +91,17 @@ class MaskConfig:
 
 @dataclass
 class ForgetConfig:
-    """Unlearn one class (paper Algorithm 1, SFRon §2.1). Defaults are the correct behaviour; reference
-    quirks are named switches that the paper presets turn on."""
+    """Unlearn one class (paper Algorithm 1) with a method from `diffusion-unlearn methods` (SFRon §2.1 by default).
+    Defaults are the correct behaviour; reference quirks are named switches that the paper presets turn on. Each
+    method's paper values are its preset (`--preset digits-<method>`)."""
 
     model: str = ""
     dataset: str = "digits"
     data_root: str | None = None
     forget_class: int = 0
     out: str = "runs/forget"
-    method: Literal["sfron"] = "sfron"
-    optim: Literal["dual", "shared"] = "dual"
+    method: Literal["sfron", "salun", "sa", "ga", "rl", "ft"] = "sfron"
+    optim: Literal["dual", "shared", "dual-m", "dual-v"] = "dual"  # dual-m/-v: only m / only v apart (Table 17)
     schedule: Literal["alternate", "joint"] = "alternate"
     mask: str | None = None
     iterations: int = 150  # T_out
@@ -109,8 +113,12 @@ class ForgetConfig:
     retain_optim: str = "adamw"
     forget_lr: float = 1e-4  # η_f
     retain_lr: float = 1e-4  # η_r (also the shared optimizer's lr)
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam-family betas of both sides, unless a side sets its own
+    momentum: float = 0.9  # sgd/rmsprop momentum of both sides, unless a side sets its own
+    forget_betas: tuple[float, float] | None = None
+    retain_betas: tuple[float, float] | None = None  # the retain side's are also the shared optimizer's
+    forget_momentum: float | None = None
+    retain_momentum: float | None = None
     forget_weight_decay: float = 0.0
     retain_weight_decay: float = 0.0
     alpha: float = 1.0  # forget-loss weight α
@@ -123,22 +131,44 @@ class ForgetConfig:
     cfg_dropout: float = 0.1  # label dropout in the retain loss, as pretraining
     cfg_dropout_in_forget_loss: bool = False  # reference quirk (§7.6)
     gamma: float = 3.0
+    topk_fraction: float = 0.5  # SalUn mask: share of weights kept
     fisher_batch_size: int = 128
     fisher_max_batches: int | None = None
     fisher_on_guided_output: bool = False
     fisher_clip: float | None = None
     fisher_guidance_w: float = 2.0
+    salun_label: Literal["next", "random"] = "next"  # SalUn's pseudo label: (c+1) mod K (reference) or random c' ≠ c
+    ewc_lambda: float = 10.0  # SA's EWC weight λ
+    sa_samples_per_class: int = 500  # SA replay: generated images per class (all feed the Fisher)
+    sa_fisher_timesteps: int = 1000  # SA Fisher: diffusion steps summed per sample (evenly spaced)
+    sa_fisher_chunk: int = 50  # SA Fisher: steps per forward pass
+    sa_fisher_as_reference: bool = False  # reference quirk (§2.3): SA Fisher on [0, 1] images, 10 % label dropout
     grid_per_class: int = 8
+    grid_classes: str = "all"  # rows of the before/after grids: 'all', '0,3,5' or '0-9'
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     checkpoint_every: int = 25
     log_every: int = 10
+    gradient_checkpointing: bool = False  # recompute activations in backward (models that support it: DiT)
+    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the denoiser
     seed: int = 0
     device: str = "auto"
 
-    def mask_config(self) -> MaskConfig:
-        shared = {f.name for f in dataclasses.fields(MaskConfig)} - {"out"}
-        return MaskConfig(out=str(Path(self.out) / "mask.safetensors"),
+    def mask_config(self, kind: str) -> MaskConfig:
+        """This run's mask settings for a mask of `kind` (the method's `mask_kind`)."""
+        shared = {f.name for f in dataclasses.fields(MaskConfig)} - {"out", "kind"}
+        return MaskConfig(out=str(Path(self.out) / "mask.safetensors"), kind=kind,
                           **{k: getattr(self, k) for k in shared})
+
+
+# What `--protocol NAME` sets, beneath any option given explicitly (preset, --config or flag). `paper` is the
+# lineage's evaluation: generalized (DDIM-form) sampler with η = 1 over all 1000 steps, w = 2 (s = 3) (reference
+# §1.5); 500 forgotten-class samples for FA (§5.1); 5000 samples per retained class for FID (§5.2).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"sampler": "ddim", "steps": 1000, "eta": 1.0, "guidance_scale": 3.0, "fa_samples": 500,
+              "retain_samples_per_class": 5000},
+}
+Protocol = Literal["default", "paper"]
 
 
 @dataclass
@@ -146,6 +176,7 @@ class SampleConfig:
     """Draw labelled grids (one row per class) and/or PNG folders named by image index."""
 
     model: str = ""
+    protocol: Protocol = "default"  # `paper`: the lineage's 1000-step η = 1 sampler at s = 3 (reference §1.5)
     classes: str = "all"
     per_class: int = 8
     grid: str | None = None
@@ -159,6 +190,8 @@ class EvalConfig:
     """FA, retained accuracy and FID of a model for one forgotten class."""
 
     model: str = ""
+    protocol: Protocol = "default"  # `paper`: the lineage's sampler and sample counts (PROTOCOLS)
+    fid_protocol: Literal["standard", "legacy"] = "standard"  # legacy: the published evaluator's images (§5.2)
     dataset: str = "digits"
     data_root: str | None = None
     forget_class: int = 0
@@ -172,6 +205,32 @@ class EvalConfig:
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     device: str = "auto"
+
+
+@dataclass
+class ConvertConfig:
+    """Import the lineage's files: a DDPM `ckpt.pth` → model folder, or a mask / Fisher `.pt` → mask file.
+    DiT: `--from dit-original CKPT --vae VAE_FOLDER --model DiT-XL/2` (the original's `.pt`, a training
+    checkpoint's `ema`, or the reference unlearning's `{"model", "args"}`), `--from diffusers-dit FOLDER`
+    (`facebook/DiT-XL-2-256` layout) → model folder; `--to dit-original` / `--to diffusers-dit` export one of our
+    DiT folders (PATH). Stock diffusers' DiT divides its timestep frequencies by 127, not 128: its outputs differ
+    from the original's by up to ~0.04 (docs/dit.md); our own folders and the original `.pt` are exact."""
+
+    path: str = field(default="", metadata={"positional": True, "help": "the file or folder to import or export"})
+    from_format: Literal["lineage-ddpm", "lineage-mask", "dit-original", "diffusers-dit"] = field(
+        default="lineage-ddpm", metadata={"flag": "--from"})
+    to_format: Literal["model-folder", "dit-original", "diffusers-dit"] = field(
+        default="model-folder", metadata={"flag": "--to"})  # not model-folder: PATH is our DiT folder to export
+    out: str = ""
+    vae: str | None = None  # dit-original: the VAE's diffusers folder (e.g. stabilityai/sd-vae-ft-ema)
+    dit_size: str | None = field(default=None, metadata={"flag": "--model"})  # dit-original: DiT-XL/2, ...
+    num_heads: int | None = None  # dit-original: the head count, for a size not in the DiT table
+    weights: Literal["raw", "ema"] = "raw"  # raw: what the paper's runs forget from and sample with (§1.4)
+    model_preset: str = "cifar10"  # the lineage U-Net configuration of the run (all published runs: cifar10)
+    class_names: str = "cifar10"  # "cifar10", "index" (0..K-1, e.g. ImageNet DiTs) or comma-separated names
+    remain_fisher: str | None = None  # with a `forget_fisher.pt` PATH: its `remain_fisher.pt`
+    gamma: float = 3.0  # ratio threshold for a Fisher pair (paper γ = 3)
+    trust_pickle: bool = False  # allow arbitrary unpickling (only for files that need it)
 
 
 @dataclass
@@ -248,7 +307,7 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
     """Build a config from a (possibly flat) dict; unknown keys are an error naming the valid ones."""
     flat = _flat_fields(cls)
     nested: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in _with_protocol(cls, values).items():
         key = key.replace("-", "_")
         hints = _field_types(cls)
         if key in hints and _is_dataclass_type(hints[key]) and isinstance(value, dict):
@@ -261,6 +320,23 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
         path, tp = flat[key]
         _set_path(nested, path, _coerce(value, tp, key))
     return _instantiate(cls, nested)
+
+
+def _with_protocol(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` over the settings of the protocol they name (PROTOCOLS), for the fields `cls` has."""
+    name = values.get("protocol")
+    if name is None or "protocol" not in _flat_fields(cls):
+        return values
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    fields = _flat_fields(cls)
+    return {**{k: v for k, v in PROTOCOLS[name].items() if k in fields}, **values}
+
+
+def protocol_deviations(cfg: Any) -> dict[str, Any]:
+    """The settings of `cfg` that differ from those of its protocol (recorded beside every result)."""
+    values = _flat_values(cfg)
+    return {k: values[k] for k, v in PROTOCOLS[cfg.protocol].items() if k in values and values[k] != v}
 
 
 def _set_path(d: dict, path: tuple[str, ...], value: Any) -> None:
@@ -298,22 +374,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     flags the user gave override the YAML."""
     parser.add_argument("--config", help="YAML file of options (flags given here override it)")
     parser.add_argument("--preset", help=f"a named YAML preset from {CONFIG_DIR}")
-    defaults = _defaults(cls)
+    defaults = _flat_values(cls())
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for name, (path, tp) in _flat_fields(cls).items():
-        flag = "--" + name.replace("_", "-")
-        help_default = f"(default: {defaults[name]})"
+        flag = metadata.get(name, {}).get("flag", "--" + name.replace("_", "-"))
+        help_default = " ".join([metadata.get(name, {}).get("help", ""), f"(default: {defaults[name]})"]).strip()
         base = _unwrap_optional(tp)
-        if base is bool:
+        if metadata.get(name, {}).get("positional"):
+            parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_default)
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_default)
         elif typing.get_origin(base) is Literal:
-            parser.add_argument(flag, choices=list(typing.get_args(base)), default=argparse.SUPPRESS,
+            parser.add_argument(flag, dest=name, choices=list(typing.get_args(base)), default=argparse.SUPPRESS,
                                 help=help_default)
         elif typing.get_origin(base) is tuple:
-            parser.add_argument(flag, nargs=len(typing.get_args(base)), default=argparse.SUPPRESS,
+            parser.add_argument(flag, dest=name, nargs=len(typing.get_args(base)), default=argparse.SUPPRESS,
                                 help=help_default)
         else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_default)
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_default)
     if "guidance_scale" in _flat_fields(cls):
         parser.add_argument("--guidance-w", type=float, default=argparse.SUPPRESS,
                             help="the lineage's guidance w; sets --guidance-scale to 1 + w")
@@ -326,10 +405,10 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    inst = cls()
+def _flat_values(inst: Any) -> dict[str, Any]:
+    """Leaf field name → value of a config instance (nested dataclasses flattened)."""
     out = {}
-    for name, (path, _) in _flat_fields(cls).items():
+    for name, (path, _) in _flat_fields(type(inst)).items():
         v = inst
         for p in path:
             v = getattr(v, p)

@@ -1,9 +1,11 @@
-"""Fisher diagonals, SFRon's Fisher-ratio saliency mask (reference §2.1.1), mask files, gradient masking."""
+"""Fisher diagonals (SFRon §2.1.1, SA §2.3), saliency masks (SFRon's Fisher ratio, SalUn's top-k §2.2), mask files,
+gradient masking."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +20,35 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _batch_gradients(backbone, dataset, *, batch_size: int, max_batches: int | None, guidance_w: float | None,
+                     clip: float | None, seed: int, desc: str) -> tuple[Mask, int, Iterator[list[torch.Tensor]]]:
+    """(parameters, number of batches, gradients): ∇_θ of the batch-mean loss for each batch of a fixed shuffle of
+    `dataset`, the model in eval mode, each batch gradient clipped to global norm `clip` when given."""
+    model = backbone.model
+    params = trainable_parameters(model)
+    tensors = list(params.values())
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,) a fixed shuffle
+    batches = [order[s:s + batch_size] for s in range(0, len(dataset), batch_size)][: max_batches or None]
+
+    def gradients() -> Iterator[list[torch.Tensor]]:
+        was_training = model.training
+        model.eval()
+        device = tensors[0].device
+        try:
+            for idx in tqdm(batches, desc=desc, leave=False):
+                x, y = dataset.get_batch(idx)  # (B, C, H, W), (B,)
+                model.zero_grad(set_to_none=True)
+                backbone.per_sample_loss(x.to(device), y.to(device), guidance_w=guidance_w).mean().backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(tensors, clip)
+                yield [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+
+    return params, len(batches), gradients()
+
+
 def fisher_diagonal(backbone, dataset, *, batch_size: int, max_batches: int | None = None,
                     guidance_w: float | None = None, clip: float | None = None, seed: int = 0,
                     desc: str = "fisher") -> Mask:
@@ -27,28 +58,65 @@ def fisher_diagonal(backbone, dataset, *, batch_size: int, max_batches: int | No
     (§2.1.1) takes the loss on the guided output (`guidance_w=2`) and clips each batch gradient to norm 1
     (`clip=1.0`); the paper's γ = 3 was tuned on that variant, so its preset turns both on.
     """
-    model = backbone.model
-    params = trainable_parameters(model)
-    names, tensors = list(params), list(params.values())
+    params, n, gradients = _batch_gradients(backbone, dataset, batch_size=batch_size, max_batches=max_batches,
+                                            guidance_w=guidance_w, clip=clip, seed=seed, desc=desc)
+    fisher = [torch.zeros_like(p) for p in params.values()]
+    for grads in gradients:
+        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / n)
+    return dict(zip(params, fisher))
+
+
+def gradient_saliency(backbone, dataset, *, batch_size: int, max_batches: int | None = None,
+                      guidance_w: float | None = None, clip: float | None = None, seed: int = 0,
+                      desc: str = "saliency") -> Mask:
+    """s[i] = |Σ_batches ∂L_batch/∂θ_i|: SalUn's saliency on the forget set (reference §2.2: the signed sum of
+    the batch gradients, then its magnitude). Quirks as `fisher_diagonal` (guided output, per-batch clip)."""
+    params, _, gradients = _batch_gradients(backbone, dataset, batch_size=batch_size, max_batches=max_batches,
+                                            guidance_w=guidance_w, clip=clip, seed=seed, desc=desc)
+    total = [torch.zeros_like(p) for p in params.values()]
+    for grads in gradients:
+        torch._foreach_add_(total, grads)
+    return {n: g.abs_() for n, g in zip(params, total)}
+
+
+def timestep_summed_fisher(backbone, images: torch.Tensor, labels: torch.Tensor, *, timesteps: int, chunk: int,
+                           cfg_dropout: float = 0.0, seed: int = 0, desc: str = "SA Fisher") -> Mask:
+    """SA's Fisher diagonal (reference §2.3): F = (1/N) Σ_n (Σ_t ∇_θ ℓ(x_n, t, c_n; ε_{n,t}))², the gradient
+    summed over the diffusion steps of one sample before squaring.
+
+    The sum runs over `timesteps` evenly spaced steps of the T training steps (all of them when `timesteps` = T,
+    as the reference), scaled by T/`timesteps` so that a subset estimates the full sum. ε_{n,t} comes from a
+    generator seeded with `seed`; the steps of a sample go through the model `chunk` at a time, their gradients
+    accumulating between chunks. Model in eval mode; `cfg_dropout` is the reference's label dropout (§2.3).
+    """
+    total = backbone.schedule.num_steps
+    if not 1 <= timesteps <= total or chunk < 1:
+        raise UserError(f"the SA Fisher needs 1 ≤ --sa-fisher-timesteps ≤ {total} and --sa-fisher-chunk ≥ 1, "
+                        f"got {timesteps} and {chunk}")
+    params = backbone.named_parameters()
+    tensors = list(params.values())
+    steps = torch.linspace(0, total - 1, timesteps).round().long().to(images.device)  # (T',) distinct steps
+    generator = torch.Generator().manual_seed(seed)
     fisher = [torch.zeros_like(p) for p in tensors]
-    n = len(dataset)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (N,) a fixed shuffle
-    starts = list(range(0, n, batch_size))[: max_batches or None]
+    model = backbone.model
     was_training = model.training
     model.eval()
-    device = tensors[0].device
-    for start in tqdm(starts, desc=desc, leave=False):
-        idx = order[start:start + batch_size]
-        x, y = dataset.get_batch(idx)  # (B, C, H, W), (B,)
+    for n in tqdm(range(len(images)), desc=desc, leave=False):
+        # ε has the shape the model denoises: the images', or a latent DiT's latents
+        noise = torch.randn((timesteps, *backbone.sample_shape), generator=generator, dtype=images.dtype)
+        noise = noise.to(images.device)  # (T', C, h, w)
         model.zero_grad(set_to_none=True)
-        backbone.per_sample_loss(x.to(device), y.to(device), guidance_w=guidance_w).mean().backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(tensors, clip)
+        for s in range(0, timesteps, chunk):
+            t = steps[s:s + chunk]  # (c,)
+            x = images[n].expand(len(t), *images.shape[1:])  # (c, C, H, W)
+            loss = backbone.per_sample_loss(x, labels[n].expand(len(t)), t=t, noise=noise[s:s + chunk],
+                                            cfg_dropout=cfg_dropout)  # (c,)
+            (loss.sum() * (total / timesteps)).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / len(starts))
+        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / len(images))
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return dict(zip(names, fisher))
+    return dict(zip(params, fisher))
 
 
 def ratio_mask(forget_fisher: Mask, retain_fisher: Mask, gamma: float) -> Mask:
@@ -56,13 +124,93 @@ def ratio_mask(forget_fisher: Mask, retain_fisher: Mask, gamma: float) -> Mask:
     return {k: (forget_fisher[k] + 1e-15) / (retain_fisher[k] + 1e-15) >= gamma for k in forget_fisher}
 
 
+# ----------------------------------------------------------------------------- top-k without a global sort
+
+TOPK_CHUNK = 1 << 15  # elements per slice in the top-k passes: bounds their temporaries to ~1 MB
+
+
+def _score_bits(scores: Mask) -> Iterator[torch.Tensor]:
+    """The scores as int32 bit patterns, in slices of at most TOPK_CHUNK elements (parameter order, then flat
+    index). For finite float32 ≥ +0 the bit pattern orders exactly as the value."""
+    for s in scores.values():
+        flat = s.detach().reshape(-1)
+        for i in range(0, flat.numel(), TOPK_CHUNK):
+            bits = flat[i:i + TOPK_CHUNK].float().view(torch.int32)  # (≤ CHUNK,)
+            if bits.numel() and (int(bits.min()) < 0 or int(bits.max()) >= 0x7F800000):
+                raise UserError("saliency scores must be finite and ≥ 0 (the gradients were not finite: "
+                                "lower the learning rate or check the model)")
+            yield bits
+
+
+def _histogram(keys: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Counts of 16-bit keys (65536,), accumulated in place over slices."""
+    hist = None
+    for k in keys:
+        counts = torch.bincount(k, minlength=1 << 16)  # (65536,)
+        hist = counts if hist is None else hist.add_(counts)
+    return hist
+
+
+def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(b, above): the highest bin b with at least k keys in bins ≥ b, and the number of keys in bins > b."""
+    below = hist.cumsum(0).sub_(hist)  # (65536,) keys in bins < b, nondecreasing
+    total = int(hist.sum())
+    b = int(torch.searchsorted(below, torch.tensor([total - k], device=below.device), right=True)) - 1
+    return b, total - int(below[b]) - int(hist[b])
+
+
+def topk_threshold(scores: Mask, k: int) -> tuple[float, int]:
+    """(τ, r): τ the k-th largest score over all tensors, r how many of the entries equal to τ belong to the
+    top k (the rest of the top k is every entry > τ). Exact, by a two-pass radix select on the float32 bit
+    patterns (high 16 bits, then low 16 bits among the entries in the chosen high bin): two histograms of 2^16
+    bins and one slice of temporaries, never a sort or a copy of all the scores. Requires 1 ≤ k ≤ N."""
+    high, above = _bin_of_kth(_histogram(bits >> 16 for bits in _score_bits(scores)), k)
+    low_hist = _histogram(bits[(bits >> 16) == high] & 0xFFFF for bits in _score_bits(scores))  # in the high bin
+    low, above_low = _bin_of_kth(low_hist, k - above)
+    tau = torch.tensor([high << 16 | low], dtype=torch.int32).view(torch.float32)
+    return float(tau), k - above - above_low
+
+
+def topk_mask(scores: Mask, fraction: float) -> Mask:
+    """m = 1 on exactly k = ⌊fraction·N⌋ entries, those with the largest scores across the whole network
+    (SalUn's top-k mask, reference §2.2, which ranks by a global argsort). Ties at the threshold go to the
+    earliest entries in parameter order, then flat index: the set a stable descending sort would pick."""
+    n = sum(s.numel() for s in scores.values())
+    k = int(fraction * n)
+    if not 0 <= k <= n:
+        raise UserError(f"top-k fraction must be in [0, 1], got {fraction}")
+    if k in (0, n):
+        return {name: torch.full_like(s, k == n, dtype=torch.bool) for name, s in scores.items()}
+    tau, ties = topk_threshold(scores, k)
+    tau_bits = int(torch.tensor([tau], dtype=torch.float32).view(torch.int32))
+    mask = {name: torch.empty_like(s, dtype=torch.bool) for name, s in scores.items()}
+    slices = (m.view(-1)[i:i + TOPK_CHUNK] for m in mask.values() for i in range(0, m.numel(), TOPK_CHUNK))
+    for bits, out in zip(_score_bits(scores), slices):
+        equal = bits == tau_bits  # (≤ CHUNK,)
+        take = equal & (equal.cumsum(0) <= ties)  # the first `ties` entries equal to τ
+        ties -= int(take.sum())
+        torch.logical_or(bits > tau_bits, take, out=out)
+    return mask
+
+
 def compute_mask(backbone, forget_set, retain_set, cfg) -> Mask:
-    """SFRon mask from a MaskConfig: forget and retain Fisher diagonals, then the ratio test."""
+    """The saliency mask a MaskConfig names: SFRon's Fisher ratio (`fisher-ratio`, §2.1.1: forget and retain
+    Fisher diagonals, then the ratio test) or SalUn's top-k gradient saliency on the forget set (`topk`, §2.2)."""
     kw = dict(batch_size=cfg.fisher_batch_size, max_batches=cfg.fisher_max_batches, clip=cfg.fisher_clip,
               guidance_w=cfg.fisher_guidance_w if cfg.fisher_on_guided_output else None, seed=cfg.seed)
+    if cfg.kind == "topk":
+        return topk_mask(gradient_saliency(backbone, forget_set, desc="saliency (forget set)", **kw),
+                         cfg.topk_fraction)
     forget = fisher_diagonal(backbone, forget_set, desc="Fisher (forget set)", **kw)
     retain = fisher_diagonal(backbone, retain_set, desc="Fisher (retain set)", **kw)
     return ratio_mask(forget, retain, cfg.gamma)
+
+
+def mask_description(cfg) -> dict:
+    """What a mask file records about how it was made (MaskConfig)."""
+    rule = {"gamma": cfg.gamma} if cfg.kind == "fisher-ratio" else {"topk_fraction": cfg.topk_fraction}
+    return {"kind": cfg.kind, "forget_class": cfg.forget_class, **rule,
+            "fisher_on_guided_output": cfg.fisher_on_guided_output, "fisher_clip": cfg.fisher_clip}
 
 
 def mask_density(mask: Mask) -> float:
@@ -77,20 +225,24 @@ def save_mask(path: str | Path, mask: Mask, metadata: dict) -> None:
         save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in mask.items()}, str(tmp), metadata=meta)
 
 
-def load_mask(path: str | Path, model: torch.nn.Module | None = None, *, trust_pickle: bool = False) -> Mask:
-    """Read our `.safetensors` masks or the lineage's `.pt` masks (bool `fisher_<γ>.pt`, SalUn's int64
-    `with_0.5.pt`; `module.` stripped). With `model`, names and shapes are checked against it."""
+def read_tensor_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Parameter name → tensor from our `.safetensors` or the lineage's `.pt` files (masks, Fisher diagonals),
+    `module.` stripped (reference §7.22); `.pt` files load on the CPU, `weights_only` unless `trust_pickle`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"mask file not found: {path} (make one with `diffusion-unlearn mask`)")
     if path.suffix == ".safetensors":
-        raw = load_file(str(path))
-    else:
-        raw = load_pickled_checkpoint(path, trust_pickle=trust_pickle)
-        if not isinstance(raw, dict):
-            raise UserError(f"{path} does not hold a dict of parameter name → mask tensor")
-        raw = {k: v for k, v in strip_prefix(raw).items() if isinstance(v, torch.Tensor)}
-    mask = {k: v != 0 for k, v in raw.items()}
+        return load_file(str(path))
+    raw = load_pickled_checkpoint(path, trust_pickle=trust_pickle)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not hold a dict of parameter name → tensor")
+    return {k: v for k, v in strip_prefix(raw).items() if isinstance(v, torch.Tensor)}
+
+
+def load_mask(path: str | Path, model: torch.nn.Module | None = None, *, trust_pickle: bool = False) -> Mask:
+    """Read our `.safetensors` masks or the lineage's `.pt` masks (bool `fisher_<γ>.pt`, SalUn's int64
+    `with_0.5.pt`; `module.` stripped). With `model`, names and shapes are checked against it."""
+    mask = {k: v != 0 for k, v in read_tensor_file(path, trust_pickle=trust_pickle).items()}
     if model is not None:
         params = trainable_parameters(model)
         missing = sorted(set(params) - set(mask))

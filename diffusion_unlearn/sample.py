@@ -7,11 +7,14 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from diffusion_unlearn.config import SampleConfig, SamplerConfig, resolve_device
+from diffusion_unlearn.config import SampleConfig, SamplerConfig, protocol_deviations, resolve_device
 from diffusion_unlearn.fileio import UserError, write_json
 from diffusion_unlearn.grids import labelled_grid, save_image_atomic, save_png_folder
 from diffusion_unlearn.modelfolder import load_model_folder
 from diffusion_unlearn.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+from diffusion_unlearn.pipelines.pipeline_dit import ClassConditionalDiTPipeline
+
+Pipeline = ClassConditionalPipeline | ClassConditionalDiTPipeline  # both take the same sampler keywords
 
 CLASS_STRIDE = 1_000_000  # image index = class · stride + j: a class's j-th sample never depends on the others
 
@@ -40,9 +43,10 @@ def class_sample_plan(classes: Sequence[int], per_class: int) -> tuple[torch.Ten
     return labels, indices
 
 
-def generate(pipeline: ClassConditionalPipeline, classes: Sequence[int], per_class: int, sampler: SamplerConfig,
+def generate(pipeline: Pipeline, classes: Sequence[int], per_class: int, sampler: SamplerConfig,
              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """`per_class` guided samples of each class: images (N, C, H, W) in [-1, 1], labels, indices."""
+    """`per_class` guided samples of each class: images (N, C, H, W) in [-1, 1], labels, indices. On a DiT,
+    `sampler.sampler` "ddpm" is the paper-faithful respaced ancestral sampler, "ddim" the fast DDIM one."""
     labels, indices = class_sample_plan(classes, per_class)
     images = pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
                       sampler=sampler.sampler, eta=sampler.eta, seed=sampler.seed, indices=indices,
@@ -50,7 +54,7 @@ def generate(pipeline: ClassConditionalPipeline, classes: Sequence[int], per_cla
     return images, labels, indices
 
 
-def class_grid(pipeline: ClassConditionalPipeline, class_names: Sequence[str], classes: Sequence[int],
+def class_grid(pipeline: Pipeline, class_names: Sequence[str], classes: Sequence[int],
                per_class: int, sampler: SamplerConfig, title: str | None = None) -> Image.Image:
     images, _, _ = generate(pipeline, classes, per_class, sampler, progress=False)
     return labelled_grid(images, [class_names[c] for c in classes], per_class, title=title)
@@ -62,7 +66,8 @@ def sample(cfg: SampleConfig) -> dict:
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
     images, labels, indices = generate(loaded.pipeline, classes, cfg.per_class, cfg.sampler)
-    record = {"model": str(cfg.model), "classes": classes, "per_class": cfg.per_class, **cfg.sampler.describe()}
+    record = {"model": str(cfg.model), "classes": classes, "per_class": cfg.per_class, "protocol": cfg.protocol,
+              "protocol_deviations": protocol_deviations(cfg), **cfg.sampler.describe()}
     if cfg.grid:
         title = f"{loaded.path.name}: s={cfg.sampler.guidance_scale:g}, {cfg.sampler.sampler} {cfg.sampler.steps}"
         names = [loaded.meta.class_names[c] for c in classes]

@@ -1,7 +1,9 @@
 """The unlearning loop (paper Algorithm 1), written once for every method, backbone and optimizer setup.
 
 Per outer iteration k: α_k; T_f forget steps (mask → clip → forget optimizer); T_r retain steps (clip →
-retain optimizer); one EMA update. `joint` instead takes one step on ℓ_R + α_k·ℓ_F. The loop runs under
+retain optimizer); one EMA update. `joint` instead takes one step on ℓ_R + α_k·ℓ_F. The method (methods/)
+supplies the losses and declares its mask and its preparation; a method without a forget loss (FT) takes
+retain steps only. The loop runs under
 accelerate, saves a resumable state every `checkpoint_every` iterations, and stops on a non-finite loss
 keeping the last good state.
 """
@@ -23,12 +25,13 @@ from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_spli
 from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.fileio import UserError, append_jsonl, atomic_path, torch_save_atomic
 from diffusion_unlearn.grids import save_image_atomic
-from diffusion_unlearn.methods import build_method
+from diffusion_unlearn.methods import Method, build_method
 from diffusion_unlearn.modelfolder import check_model_data, load_model_folder, save_model_folder
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.saliency import GradientMask, compute_mask, load_mask, mask_density, save_mask
-from diffusion_unlearn.sample import class_grid
+from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
+from diffusion_unlearn.saliency import GradientMask, compute_mask, load_mask, mask_density, mask_description, save_mask
+from diffusion_unlearn.sample import class_grid, parse_classes
 
 StepCallback = Callable[[int, str], None]  # (iteration, "forget" | "retain" | "joint"), after each step
 
@@ -42,6 +45,13 @@ def alpha_at(k: int, total: int, alpha: float, schedule: str) -> float:
     if schedule == "cosine":
         return alpha * (1.0 + math.cos(math.pi * k / total)) / 2.0
     return alpha
+
+
+def optimizer_spec(cfg: ForgetConfig, side: str) -> OptimizerSpec:
+    """The forget or retain optimizer of a run; a side without its own betas/momentum takes `betas`/`momentum`."""
+    betas, momentum = getattr(cfg, f"{side}_betas"), getattr(cfg, f"{side}_momentum")
+    return OptimizerSpec(getattr(cfg, f"{side}_optim"), getattr(cfg, f"{side}_lr"), tuple(betas or cfg.betas),
+                         cfg.momentum if momentum is None else momentum, getattr(cfg, f"{side}_weight_decay"))
 
 
 @dataclass
@@ -73,14 +83,14 @@ def check_output_folder(out: Path, model: Path) -> None:
 class Unlearner:
     """Holds everything the loop mutates, so that it can be saved and restored bitwise."""
 
-    def __init__(self, cfg: ForgetConfig, backbone: DDPMBackbone, forget_set: ImageDataset,
-                 retain_set: ImageDataset, grad_mask: GradientMask | None, accelerator: Accelerator):
+    def __init__(self, cfg: ForgetConfig, backbone: DDPMBackbone | LatentDiTBackbone, forget_set: ImageDataset,
+                 retain_set: ImageDataset, grad_mask: GradientMask | None, accelerator: Accelerator,
+                 method: Method | None = None):
         self.cfg, self.backbone, self.accelerator, self.grad_mask = cfg, backbone, accelerator, grad_mask
-        self.method = build_method(cfg)
+        self.method = method if method is not None else build_method(cfg)
         unet = backbone.unet
-        forget = OptimizerSpec(cfg.forget_optim, cfg.forget_lr, tuple(cfg.betas), cfg.momentum, cfg.forget_weight_decay)
-        retain = OptimizerSpec(cfg.retain_optim, cfg.retain_lr, tuple(cfg.betas), cfg.momentum, cfg.retain_weight_decay)
-        self.optim = DualOptim(unet.parameters(), forget, retain, shared=cfg.optim == "shared")
+        self.optim = DualOptim(unet.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
+                               mode=cfg.optim)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.ema = EMA(unet, cfg.ema_rate)
         rank = accelerator.process_index
@@ -133,8 +143,9 @@ class Unlearner:
         alpha = alpha_at(k, cfg.iterations, cfg.alpha, cfg.alpha_schedule)
         record: dict = {"iteration": k, "alpha": alpha}
         self.backbone.model.train()
+        forgets = self.method.forget_loss is not None
         if cfg.schedule == "alternate":
-            for _ in range(cfg.forget_steps):
+            for _ in range(cfg.forget_steps if forgets else 0):
                 x, y = self._batch(self.forget_stream)
                 loss = alpha * self.method.forget_loss(self.backbone, x, y)
                 record |= self._backward(loss, "forget", mask=True, clip=True)
@@ -147,12 +158,15 @@ class Unlearner:
                 self.optim.retain_step()
                 callback and callback(k, "retain")
         else:  # joint: one step on ℓ_R + α_k ℓ_F with the retain optimizer; the mask is applied (§7.2 fixed)
-            xf, yf = self._batch(self.forget_stream)
+            weighted = []
+            if forgets:
+                xf, yf = self._batch(self.forget_stream)
+                forget = self.method.forget_loss(self.backbone, xf, yf)
+                record |= {"forget_loss": forget.item()}
+                weighted.append(alpha * forget)
             xr, yr = self._batch(self.retain_stream)
-            forget = self.method.forget_loss(self.backbone, xf, yf)
             retain = self.method.retain_loss(self.backbone, xr, yr)
-            record |= {"forget_loss": forget.item()}
-            record |= self._backward(retain + alpha * forget, "joint", mask=True, clip=True)
+            record |= self._backward(retain + sum(weighted), "joint", mask=True, clip=True)
             self.optim.retain_step()
             callback and callback(k, "joint")
         self.ema.update()
@@ -201,35 +215,43 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
     paths = OutputPaths(out)
     if paths.model.exists() and not paths.state.exists():
         raise UserError(f"{out} already holds a finished run; choose another --out")
-    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded = load_model_folder(model_dir, accelerator.device)
     dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
     check_model_data(loaded, dataset, cfg.forget_class)
+    grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
+    if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
+        raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")
     mask = load_mask(cfg.mask, loaded.unet) if cfg.mask else None
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
 
     out.mkdir(parents=True, exist_ok=True)
     resuming = paths.state.exists()
     torch.manual_seed(cfg.seed)
-    unet = loaded.unet
-    backbone = DDPMBackbone(unet)
-    if mask is None:
-        if paths.mask.exists():
-            mask = load_mask(paths.mask, unet)
-        else:
-            mask = compute_mask(backbone, forget_set, retain_set, cfg.mask_config())
-    if not paths.mask.exists():
-        save_mask(paths.mask, mask, {"kind": "sfron-fisher-ratio", "forget_class": cfg.forget_class,
-                                     "gamma": cfg.gamma, "source": str(cfg.mask or "computed")})
+    unet = loaded.unet  # the trainable denoiser (U-Net or DiT transformer; a DiT's VAE stays frozen)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    backbone = loaded.backbone()
+    method = build_method(cfg)
+    retain_set = method.prepare(backbone, forget_set, retain_set, out)
+    if mask is None and paths.mask.exists():
+        mask = load_mask(paths.mask, unet)
+    elif mask is None and method.mask_kind is not None:
+        mask = compute_mask(backbone, forget_set, retain_set, cfg.mask_config(method.mask_kind))
+    if mask is not None and not paths.mask.exists():
+        made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask else \
+            mask_description(cfg.mask_config(method.mask_kind))
+        save_mask(paths.mask, mask, {**made, "source": str(cfg.mask or "computed")})
     write_config_yaml(cfg, paths.config)
     names = loaded.meta.class_names
-    grid = lambda title: class_grid(loaded.pipeline, names, range(len(names)), cfg.grid_per_class,  # noqa: E731
+    grid = lambda title: class_grid(loaded.pipeline, names, grid_classes, cfg.grid_per_class,  # noqa: E731
                                     cfg.sampler, title)
     if accelerator.is_main_process and not paths.grid_before.exists():
         save_image_atomic(grid(f"before: {model_dir.name}"), paths.grid_before)
 
-    backbone = DDPMBackbone(unet, model=accelerator.prepare_model(unet))
-    unlearner = Unlearner(cfg, backbone, forget_set, retain_set, GradientMask(unet, mask), accelerator)
+    backbone = loaded.backbone(model=accelerator.prepare_model(unet))
+    grad_mask = GradientMask(unet, mask) if mask is not None else None
+    unlearner = Unlearner(cfg, backbone, forget_set, retain_set, grad_mask, accelerator, method)
     if resuming:
         unlearner.load_state_dict(torch.load(paths.state, map_location="cpu", weights_only=True))
         _truncate_log(paths.log, unlearner.iteration)
@@ -245,26 +267,24 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
                        history=[*loaded.meta.history, {"op": "forget", "method": cfg.method, "optim": cfg.optim,
                                                        "forget_class": cfg.forget_class, "source": str(model_dir),
                                                        "iterations": cfg.iterations}])
-        save_model_folder(paths.model, unet, meta)
+        save_model_folder(paths.model, unet, meta, vae=loaded.vae)
         with atomic_path(paths.ema) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in unlearner.ema.weights().items()}, str(tmp))
         torch_save_atomic(unlearner.optim.state_dict(), paths.optimizers)
         save_image_atomic(grid(f"after: {cfg.method}+{cfg.optim}, forgot {names[cfg.forget_class]}"),
                           paths.grid_after)
         paths.state.unlink()
-    return {"out": str(out), "model": str(paths.model), "mask_density": mask_density(mask),
+    return {"out": str(out), "model": str(paths.model), "mask_density": None if mask is None else mask_density(mask),
             "seconds": seconds, "config": config_to_dict(cfg)}
 
 
 def mask(cfg: MaskConfig) -> dict:
-    """The `mask` subcommand: SFRon's Fisher-ratio mask, reusable with `forget --mask FILE`."""
+    """The `mask` subcommand: SFRon's Fisher-ratio or SalUn's top-k mask, reusable with `forget --mask FILE`."""
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
     check_model_data(loaded, dataset, cfg.forget_class)
     torch.manual_seed(cfg.seed)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
-    result = compute_mask(DDPMBackbone(loaded.unet), forget_set, retain_set, cfg)
-    save_mask(cfg.out, result, {"kind": "sfron-fisher-ratio", "forget_class": cfg.forget_class, "gamma": cfg.gamma,
-                                "model": str(cfg.model), "fisher_on_guided_output": cfg.fisher_on_guided_output,
-                                "fisher_clip": cfg.fisher_clip})
+    result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg)
+    save_mask(cfg.out, result, {**mask_description(cfg), "model": str(cfg.model)})
     return {"out": cfg.out, "density": mask_density(result)}

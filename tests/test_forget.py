@@ -42,7 +42,7 @@ def test_forget_writes_every_output(tiny_model, tmp_path):
     assert [r["iteration"] for r in log] == [0, 1, 2, 3]
     assert all({"forget_loss", "retain_loss", "alpha"} <= set(r) for r in log)
     optim = torch.load(run / "optimizers.pt", weights_only=True)
-    assert optim["shared"] is False and optim["forget"]["state"] and optim["retain"]["state"]
+    assert optim["mode"] == "dual" and optim["forget"]["state"] and optim["retain"]["state"]
     loaded = load_model_folder(run / "model")
     assert loaded.meta.weights == "raw" and loaded.meta.forgotten_classes == [3]
     assert loaded.meta.history[-1]["method"] == "sfron"

@@ -15,7 +15,7 @@ def _run(shared: bool, spec: OptimizerSpec):
     model = torch.nn.Linear(6, 4)
     mask = {"weight": torch.rand(4, 6) > 0.5, "bias": torch.tensor([True, False, True, False])}
     gm = GradientMask(model, mask)
-    opt = DualOptim(model.parameters(), spec, spec, shared=shared)
+    opt = DualOptim(model.parameters(), spec, spec, mode="shared" if shared else "dual")
     x = torch.randn(16, 6)
     for _ in range(3):
         # retain step: unmasked gradient on every coordinate
@@ -74,14 +74,14 @@ def test_state_round_trip_continues_identically():
     step(m2, o2, False)
     for k in weights:
         assert torch.equal(m1.state_dict()[k], m2.state_dict()[k])
-    _, shared = make()[0], DualOptim(m2.parameters(), OptimizerSpec(), OptimizerSpec(), shared=True)
+    _, shared = make()[0], DualOptim(m2.parameters(), OptimizerSpec(), OptimizerSpec(), mode="shared")
     with pytest.raises(UserError):
         shared.load_state_dict(state)
 
 
 def test_shared_uses_one_optimizer_and_unknown_name_errors():
     m = torch.nn.Linear(2, 2)
-    o = DualOptim(m.parameters(), OptimizerSpec("sgd"), OptimizerSpec("adamw"), shared=True)
+    o = DualOptim(m.parameters(), OptimizerSpec("sgd"), OptimizerSpec("adamw"), mode="shared")
     assert o.forget_optimizer is o.retain_optimizer and isinstance(o.retain_optimizer, torch.optim.AdamW)
     with pytest.raises(UserError, match="unknown optimizer"):
         OptimizerSpec("lion").build(m.parameters())

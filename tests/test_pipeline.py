@@ -98,3 +98,15 @@ def test_sample_cli_bad_class_is_one_line_error(model_dir, tmp_path, capsys):
 def test_missing_model_folder():
     with pytest.raises(UserError, match="model folder not found"):
         load_model_folder("/nonexistent/model")
+
+
+def test_plain_diffusers_loads_the_folder_in_a_fresh_process(model_dir):
+    """diffusers only loads a custom component whose module is imported: importing our pipeline must do it."""
+    import subprocess
+    import sys
+
+    code = ("from diffusion_unlearn.pipelines.pipeline_class_conditional import ClassConditionalPipeline as P;"
+            f"p = P.from_pretrained({str(model_dir)!r}); print(type(p.unet).__name__, p.unet.training)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] in ("ClassConditionalUNet", "UNet2DModel")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_unlearn.config import EvalConfig, resolve_device
+from diffusion_unlearn.config import EvalConfig, protocol_deviations, resolve_device
 from diffusion_unlearn.data import load_dataset
 from diffusion_unlearn.eval.classifier import load_classifier
 from diffusion_unlearn.eval.fid import compute_fid, find_inception_weights
@@ -50,7 +50,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     reference = dataset.with_classes(retained)
     fid = compute_fid(retain_images, reference, extractor=clf if kind == "classifier" else "inception",
                       excluded_class=cfg.forget_class, reference_count=cfg.fid_reference_count,
-                      cache_dir=cfg.cache_dir, inception_weights=cfg.fid_weights, device=device)
+                      cache_dir=cfg.cache_dir, inception_weights=cfg.fid_weights, device=device,
+                      protocol=cfg.fid_protocol)
     result = {
         "model": str(cfg.model), "dataset": cfg.dataset, "forget_class": cfg.forget_class,
         "forget_class_name": loaded.meta.class_names[cfg.forget_class],
@@ -59,7 +60,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "per_class_accuracy": {loaded.meta.class_names[c]: a for c, a in metrics["per_class_accuracy"].items()},
         "fa_samples": metrics["n_forget"], "retain_samples": metrics["n_retain"],
         "retain_samples_per_class": cfg.retain_samples_per_class,
-        "protocol": "default", **cfg.sampler.describe(),
+        "protocol": cfg.protocol, "protocol_deviations": protocol_deviations(cfg), **cfg.sampler.describe(),
         "classifier": str(cfg.classifier), "classifier_test_accuracy": clf.meta.get("test_accuracy"),
         "seconds": time.perf_counter() - started,
     }

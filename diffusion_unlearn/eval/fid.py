@@ -30,6 +30,14 @@ INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 CLASSIFIER_EXTRACTOR = "diffusion-unlearn-classifier"
 CHUNK = 500  # images converted to uint8 at a time
+LEGACY_PER_CLASS = 500  # the published CIFAR-10 reference: the first 500 train images of each class (§5.2)
+FID_PROTOCOLS = {
+    "standard": "RGB uint8 images round((x+1)/2*255) of both sets; reference: all training images outside the "
+                "forgotten class (or the first --fid-reference-count)",
+    "legacy": "the published evaluator (reference §5.2): each image min-max stretched to its own range "
+              "(torchvision save_image(normalize=True)), BGR channel order (cv2.imread), both sets; reference: "
+              f"the first {LEGACY_PER_CLASS} training images of each retained class",
+}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -40,14 +48,27 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
 
 
+def legacy_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → uint8 as the published evaluator reads them (reference §1.5, §5.2): `(x+1)/2` clamped
+    to [0, 1], then `torchvision.utils.save_image(img, normalize=True)` on each image alone (stretch its own
+    [min, max] to [0, 1], a constant image becomes black; `·255 + 0.5`, clamp, truncate), read back BGR."""
+    x = ((x.float() + 1) / 2).clamp(0, 1)  # (B, C, H, W)
+    low = x.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = (x - low) / (high - low).clamp(min=1e-5)  # (B, C, H, W) in [0, 1]
+    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).flip(1)  # (B, C, H, W), channels reversed
+
+
 class UInt8Images(Dataset):
     """The uint8 (C, H, W) images torch-fidelity reads, converted in chunks from a [-1, 1] source.
 
-    `read(indices)` returns images (B, C, H, W) in [-1, 1]. With `rgb`, one channel is repeated to three.
+    `read(indices)` returns images (B, C, H, W) in [-1, 1]; `convert` makes them uint8 (`to_uint8` or
+    `legacy_uint8`). With `rgb`, one channel is repeated to three.
     """
 
-    def __init__(self, read: Callable[[torch.Tensor], torch.Tensor], count: int, rgb: bool):
-        self.read, self.count, self.rgb = read, count, rgb
+    def __init__(self, read: Callable[[torch.Tensor], torch.Tensor], count: int, rgb: bool,
+                 convert: Callable[[torch.Tensor], torch.Tensor] = to_uint8):
+        self.read, self.count, self.rgb, self.convert = read, count, rgb, convert
         self._start, self._chunk = -1, torch.empty(0)
 
     def __len__(self) -> int:
@@ -56,16 +77,21 @@ class UInt8Images(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         start = i // CHUNK * CHUNK
         if start != self._start:  # torch-fidelity reads in order: one chunk at a time
-            chunk = to_uint8(self.read(torch.arange(start, min(start + CHUNK, self.count))))  # (B, C, H, W)
+            chunk = self.convert(self.read(torch.arange(start, min(start + CHUNK, self.count))))  # (B, C, H, W)
             self._start, self._chunk = start, chunk.expand(-1, 3, -1, -1) if self.rgb else chunk
         return self._chunk[i - start]  # (C, H, W)
 
 
-def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: int | None) -> torch.Tensor:
-    """The first `count` items (all if None) of `dataset` not labelled `excluded_class`."""
+def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: int | None,
+                      per_class: int | None = None) -> torch.Tensor:
+    """The first `count` items (all if None) of `dataset` not labelled `excluded_class`, keeping only the first
+    `per_class` of each class when given."""
     keep = torch.arange(len(dataset))  # (N,)
     if excluded_class is not None:
         keep = keep[dataset.targets != excluded_class]
+    if per_class is not None:
+        labels = dataset.targets[keep]  # (N,)
+        keep = torch.cat([keep[labels == c][:per_class] for c in labels.unique()]).sort().values
     if count is not None and not 2 <= count <= len(keep):
         raise UserError(
             f"FID reference count {count} is out of range: {dataset.name}/{dataset.split} has {len(keep)} images "
@@ -74,20 +100,29 @@ def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: 
     return keep[:count]
 
 
-def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, count: int, extractor_id: str) -> str:
+def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, count: int, extractor_id: str,
+                         protocol: str = "standard") -> str:
     """The name torch-fidelity caches the reference statistics under; it changes whenever they would."""
-    labels = dataset.targets[reference_indices(dataset, excluded_class, count)].numpy().tobytes()
+    keep = reference_indices(dataset, excluded_class, count, _per_class(protocol))
+    labels = dataset.targets[keep].numpy().tobytes()
     parts = [
         dataset.name,
         *([f"root{_short_hash(str(Path(dataset.root).resolve()).encode())}"] if dataset.root is not None else []),
         dataset.split,
         "all" if excluded_class is None else f"excl{excluded_class}",
         dataset.transform_id,
+        f"fid-{protocol}",
         f"n{count}",
         f"labels{_short_hash(labels)}",  # distinguishes subset views of the same dataset
         extractor_id,
     ]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
+
+
+def _per_class(protocol: str) -> int | None:
+    if protocol not in FID_PROTOCOLS:
+        raise UserError(f"unknown FID protocol {protocol!r}; choose one of {', '.join(FID_PROTOCOLS)}")
+    return LEGACY_PER_CLASS if protocol == "legacy" else None
 
 
 def _short_hash(data: bytes) -> str:
@@ -151,10 +186,12 @@ def compute_fid(
     cache_dir: str | Path,
     inception_weights: str | None = None,
     device: str = "cpu",
+    protocol: str = "standard",
 ) -> dict:
     """FID between `generated` (N, C, H, W) in [-1, 1] and the first `reference_count` reference images.
 
-    The reference images skip `excluded_class`; their statistics are cached in `cache_dir`.
+    The reference images skip `excluded_class`; their statistics are cached in `cache_dir`. `protocol` is one of
+    FID_PROTOCOLS: `legacy` reproduces the published evaluator's image handling and reference set.
     """
     want = (reference.channels, reference.image_size, reference.image_size)
     if generated.ndim != 4 or tuple(generated.shape[1:]) != want or len(generated) < 2:
@@ -162,7 +199,7 @@ def compute_fid(
             f"generated images {tuple(generated.shape)} do not fit {reference.name} (N, {want[0]}, {want[1]}, "
             f"{want[2]}) with N >= 2; generate at least 2 images at the dataset's resolution"
         )
-    keep = reference_indices(reference, excluded_class, reference_count)
+    keep = reference_indices(reference, excluded_class, reference_count, _per_class(protocol))
     if extractor == "inception":
         weights = find_inception_weights(inception_weights)
         load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
@@ -176,10 +213,11 @@ def compute_fid(
     else:
         raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
     rgb = name == INCEPTION
-    cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id)
+    cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id, protocol)
+    convert = legacy_uint8 if protocol == "legacy" else to_uint8
     metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(lambda idx: generated[idx], len(generated), rgb),
-        input2=UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), rgb),
+        input1=UInt8Images(lambda idx: generated[idx], len(generated), rgb, convert),
+        input2=UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), rgb, convert),
         input2_cache_name=cache_name,
         fid=True,
         feature_extractor=name,
@@ -195,6 +233,8 @@ def compute_fid(
     return {
         "fid": float(metrics["frechet_inception_distance"]),
         "fid_feature_extractor": label,
+        "fid_protocol": protocol,
+        "fid_protocol_description": FID_PROTOCOLS[protocol],
         "fid_reference_count": len(keep),
         "fid_generated_count": len(generated),
         "fid_reference_cache": cache_name,

@@ -1,16 +1,62 @@
-"""Forget methods. Each is a small object with `forget_loss`, `retain_loss`, `mask_kind`, `mask_retain`;
-it sees only the backbone adapter, so it runs on any backbone with any optimizer setup."""
+"""Forget methods. Each is a small dataclass (methods.base.Method) with `forget_loss`, `retain_loss`, `mask_kind`,
+`mask_retain` and an optional `prepare`; it sees only the backbone adapter, so it runs on any backbone with any
+optimizer setup. A method's paper values are its presets: the files in `configs/` naming it (`method:`)."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+from diffusion_unlearn.config import CONFIG_DIR, ForgetConfig, _flatten_yaml, _flat_values, build_config, load_yaml
+from diffusion_unlearn.methods.base import Method
+from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, RandomLabel
+from diffusion_unlearn.methods.sa import SelectiveAmnesia
+from diffusion_unlearn.methods.salun import SalUn
 from diffusion_unlearn.methods.sfron import SFRon
 
-METHODS = {"sfron": SFRon}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SFRon, SalUn, SelectiveAmnesia, GradientAscent, RandomLabel,
+                                                        FineTune)}
 
 
-def build_method(cfg) -> SFRon:
+def build_method(cfg: ForgetConfig) -> Method:
     """The method named by `cfg.method`, configured from a ForgetConfig."""
-    if cfg.method == "sfron":
-        return SFRon(adaptive_lambda=cfg.adaptive_lambda, retain_alpha=cfg.retain_alpha,
-                     cfg_dropout=cfg.cfg_dropout, cfg_dropout_in_forget_loss=cfg.cfg_dropout_in_forget_loss)
-    raise KeyError(cfg.method)
+    return METHODS[cfg.method].from_config(cfg)
+
+
+@dataclass
+class MethodsConfig:
+    """List the forget methods: the paper each comes from, its mask and forget loss, and its presets."""
+
+
+SHARED_FIELDS = {f.name for f in dataclasses.fields(Method)} | {"forget_class", "sampler", "seed"}
+MASK_RULES = {"fisher-ratio": "gamma", "topk": "topk_fraction"}
+
+
+def _settings(values: dict, keys) -> str:
+    return " ".join(f"{k}={values[k]}" for k in keys)
+
+
+def _preset_changes(path) -> str:
+    """The settings a preset changes from the ForgetConfig defaults."""
+    defaults = _flat_values(ForgetConfig())
+    preset = _flat_values(build_config(ForgetConfig, _flatten_yaml(ForgetConfig, load_yaml(path))))
+    return _settings(preset, [k for k, v in preset.items() if v != defaults[k] and k != "method"]) or "the defaults"
+
+
+def list_methods(cfg: MethodsConfig) -> str:
+    """The `methods` subcommand: one Markdown table row per method and preset."""
+    defaults = _flat_values(ForgetConfig())
+    presets = sorted(CONFIG_DIR.glob("*.yaml"))
+    rows = ["| method | paper | mask | forget loss | its settings (defaults) | preset: changes to the defaults |",
+            "|---|---|---|---|---|---|"]
+    for name, method in METHODS.items():
+        own = [f.name for f in dataclasses.fields(method) if f.name not in SHARED_FIELDS]
+        if method.mask_kind:
+            own.append(MASK_RULES[method.mask_kind])
+        mask = f"{method.mask_kind}{', retain grads too' if method.mask_retain else ''}" if method.mask_kind else "none"
+        loss = method.forget_loss.__doc__.splitlines()[0] if method.forget_loss else "none (retain steps only)"
+        mine = [p for p in presets if load_yaml(p).get("method") == name]
+        changes = [f"{p.stem}: {_preset_changes(p)}" for p in mine] or ["none"]
+        rows += [f"| {name} | {method.paper} | {mask} | {loss} | {_settings(defaults, own) or '–'} | {c} |"
+                 for c in changes]
+    return "\n".join(rows)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_unlearn.methods.base import Method
+
 
 def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
     """w_i = ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}, detached; computed as 1/(ℓ^λ + 1e-8) like the reference."""
@@ -19,22 +21,15 @@ def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @dataclass
-class SFRon:
+class SFRon(Method):
     adaptive_lambda: float = 0.5
-    retain_alpha: float = 1.0
-    cfg_dropout: float = 0.1
-    cfg_dropout_in_forget_loss: bool = False  # reference quirk §7.6: ascend the null branch too
 
     name = "sfron"
+    paper = "Huang et al., Unified Gradient-Based Machine Unlearning with Remain Geometry Enhancement (NeurIPS 2024)"
     mask_kind = "fisher-ratio"
     mask_retain = False  # only the forget gradient is masked
 
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ_F = −Σ_i w_i ℓ_i (the loop multiplies by α_k)."""
-        dropout = self.cfg_dropout if self.cfg_dropout_in_forget_loss else 0.0
-        losses = backbone.per_sample_loss(x, y, cfg_dropout=dropout)  # (B,)
+        losses = backbone.per_sample_loss(x, y, cfg_dropout=self.forget_dropout)  # (B,)
         return -(adaptive_weights(losses, self.adaptive_lambda) * losses).sum()
-
-    def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """ℓ_R = ρ · mean_i ℓ_i with CFG label dropout."""
-        return self.retain_alpha * backbone.per_sample_loss(x, y, cfg_dropout=self.cfg_dropout).mean()

@@ -10,6 +10,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffusion_unlearn.diffusion import NUM_TRAIN_TIMESTEPS, linear_betas
+# diffusers only loads a custom component class whose module is already imported: import ours here so
+# `ClassConditionalPipeline.from_pretrained(folder)` works in a fresh process.
+from diffusion_unlearn.models import unet_lineage  # noqa: F401
 
 
 def training_scheduler() -> DDPMScheduler:

@@ -1,0 +1,148 @@
+"""The `convert` subcommand: import the DDPM lineage's files (reference-implementation.md §1.4, §2.1.1, §2.2).
+
+- `--from lineage-ddpm ckpt.pth`: the published checkpoint (a list `[model_state ("module.*"), optimizer_state,
+  step, ema_shadow]`) → a model folder of `ClassConditionalUNet`, raw weights (what the paper's runs forget from
+  and sample with) or `--weights ema`.
+- `--from lineage-mask FILE`: SFRon's bool `fisher_<γ>.pt` or SalUn's int64 `with_0.5.pt` → our mask file; a
+  Fisher diagonal `forget_fisher.pt` with `--remain-fisher remain_fisher.pt` → the ratio mask at `--gamma`.
+
+DiT (docs/dit.md): `--from dit-original CKPT --vae VAE --model DiT-XL/2` (original `.pt`, `{"ema"}`, or the
+reference unlearning's `{"model", "args"}`, whose `args.model` gives the size) and `--from diffusers-dit FOLDER`
+→ a DiT model folder; `--to dit-original` / `--to diffusers-dit` export one. Stock diffusers' DiT uses timestep
+frequencies exp(−ln 10⁴·i/127) (the original: /128): exported to diffusers, outputs move by up to ~0.04.
+
+Every `.pt` loads on the CPU with `weights_only=True`; `--trust-pickle` allows arbitrary unpickling, which only
+files holding more than tensors and plain containers need (none of the files above do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+from diffusion_unlearn.config import ConvertConfig
+from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
+from diffusion_unlearn.models.convert_dit import (export_diffusers_pipeline, load_diffusers_dit_folder,
+                                                  load_original_dit, save_original_dit)
+from diffusion_unlearn.models.convert_lineage import read_lineage_checkpoint, unet_from_lineage_state_dict
+from diffusion_unlearn.models.unet_lineage import UNET_PRESETS
+from diffusion_unlearn.saliency import Mask, mask_density, ratio_mask, read_tensor_file, save_mask
+
+# torchvision/CIFAR-10 `batches.meta` order, the label order of every lineage CIFAR-10 run (§1.7).
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def parse_class_names(spec: str) -> list[str]:
+    """'cifar10' → the CIFAR-10 names; otherwise comma-separated names."""
+    names = CIFAR10_CLASSES if spec == "cifar10" else [n.strip() for n in spec.split(",") if n.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"--class-names {spec!r} must be 'cifar10' or at least 2 distinct comma-separated names")
+    return names
+
+
+def dit_class_names(spec: str, num_classes: int) -> list[str]:
+    """'index' → '0'..'K−1'; otherwise `parse_class_names`, which must give the DiT's K names."""
+    names = [str(i) for i in range(num_classes)] if spec == "index" else parse_class_names(spec)
+    if len(names) != num_classes:
+        raise UserError(f"--class-names gives {len(names)} names but the DiT has {num_classes} classes; "
+                        f"pass {num_classes} comma-separated names or --class-names index")
+    return names
+
+
+def load_vae(folder: str | None) -> AutoencoderKL:
+    """A diffusers `AutoencoderKL` folder, or a pipeline folder holding one under `vae/`."""
+    if not folder or not Path(folder).is_dir():
+        raise UserError(f"--from dit-original needs --vae FOLDER, a diffusers AutoencoderKL folder (e.g. "
+                        f"stabilityai/sd-vae-ft-ema); got {folder!r}")
+    path = Path(folder) / "vae" if (Path(folder) / "vae" / "config.json").is_file() else Path(folder)
+    try:
+        return AutoencoderKL.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - not a VAE folder, or broken weights
+        raise UserError(f"cannot read a VAE from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def convert_dit(cfg: ConvertConfig) -> dict:
+    """An original/reference `.pt` (+ `--vae`) or a diffusers DiT folder → a DiT model folder at `cfg.out`."""
+    if cfg.from_format == "dit-original":
+        vae = load_vae(cfg.vae)
+        model = load_original_dit(cfg.path, cfg.dit_size, cfg.num_heads, trust_pickle=cfg.trust_pickle)
+    else:
+        model, vae, _ = load_diffusers_dit_folder(cfg.path)
+    names = dit_class_names(cfg.class_names, int(model.config.num_classes))
+    meta = ModelMeta(class_names=names, weights=cfg.weights, backbone="dit",
+                     history=[{"op": "convert", "source": str(Path(cfg.path).resolve()), "format": cfg.from_format,
+                               "weights": cfg.weights}])
+    save_model_folder(cfg.out, model, meta, vae=vae)
+    return {"out": cfg.out, "backbone": "dit", "weights": cfg.weights,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def export_dit(cfg: ConvertConfig) -> dict:
+    """Our DiT model folder (PATH) → the original's plain `.pt` or a stock diffusers `DiTPipeline` folder."""
+    loaded = load_model_folder(cfg.path)
+    if loaded.meta.backbone != "dit":
+        raise UserError(f"--to {cfg.to_format} exports DiT model folders; {cfg.path} holds a "
+                        f"{loaded.meta.backbone} model")
+    if cfg.to_format == "dit-original":
+        save_original_dit(loaded.unet, cfg.out)
+        return {"out": cfg.out, "format": "dit-original"}
+    export_diffusers_pipeline(loaded.unet, loaded.vae, cfg.out)
+    return {"out": cfg.out, "format": "diffusers-dit",
+            "note": "stock diffusers' timestep frequencies (/127) move outputs by up to ~0.04 (docs/dit.md); "
+                    "its DiTPipeline guides with null label 1000, so only 1000-class models guide correctly"}
+
+
+def convert_checkpoint(cfg: ConvertConfig) -> dict:
+    """A lineage `ckpt.pth` → a model folder at `cfg.out` (meta `weights` raw/ema, history `convert`)."""
+    if cfg.model_preset not in UNET_PRESETS:
+        raise UserError(f"unknown --model-preset {cfg.model_preset!r}; choose one of {', '.join(UNET_PRESETS)}")
+    names = parse_class_names(cfg.class_names)
+    state = read_lineage_checkpoint(cfg.path, weights=cfg.weights, trust_pickle=cfg.trust_pickle)
+    unet = unet_from_lineage_state_dict(state, {**UNET_PRESETS[cfg.model_preset], "num_classes": len(names)})
+    meta = ModelMeta(class_names=names, weights=cfg.weights,
+                     dataset="cifar10" if cfg.class_names == "cifar10" else None,
+                     history=[{"op": "convert", "source": str(Path(cfg.path).resolve()), "format": "lineage-ddpm",
+                               "weights": cfg.weights}])
+    save_model_folder(cfg.out, unet, meta)
+    return {"out": cfg.out, "weights": cfg.weights, "parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def lineage_mask(cfg: ConvertConfig) -> Mask:
+    """A bool or 0/1 integer mask file as it is; a Fisher diagonal (floating) with its remain pair → the ratio
+    mask `(F_f + 1e-15)/(F_r + 1e-15) ≥ γ`, as `generate_fisher_mask.py` makes it (§2.1.1)."""
+    tensors = read_tensor_file(cfg.path, trust_pickle=cfg.trust_pickle)
+    if not tensors:
+        raise UserError(f"{cfg.path} holds no tensors; pass a lineage mask or Fisher .pt file")
+    floating = {k for k, v in tensors.items() if v.is_floating_point()}
+    if not floating:
+        if cfg.remain_fisher is not None:
+            raise UserError(f"{cfg.path} is already a mask (bool/integer tensors); drop --remain-fisher")
+        return {k: v != 0 for k, v in tensors.items()}
+    if len(floating) != len(tensors) or cfg.remain_fisher is None:
+        raise UserError(f"{cfg.path} holds Fisher diagonals (floating tensors); pass its pair with "
+                        "--remain-fisher remain_fisher.pt (and --gamma, paper 3)")
+    remain = read_tensor_file(cfg.remain_fisher, trust_pickle=cfg.trust_pickle)
+    if set(remain) != set(tensors) or any(remain[k].shape != v.shape for k, v in tensors.items()):
+        raise UserError(f"{cfg.remain_fisher} does not pair with {cfg.path} (different parameter names or shapes); "
+                        "pass the remain_fisher.pt written beside the forget_fisher.pt")
+    return ratio_mask(tensors, remain, cfg.gamma)
+
+
+def convert(cfg: ConvertConfig) -> dict:
+    """The `convert` subcommand."""
+    if not cfg.path or not cfg.out:
+        raise UserError("convert needs a file and a destination: convert --from FORMAT FILE --out DEST")
+    if cfg.to_format != "model-folder":
+        return export_dit(cfg)
+    if cfg.from_format in ("dit-original", "diffusers-dit"):
+        return convert_dit(cfg)
+    if cfg.from_format == "lineage-ddpm":
+        return convert_checkpoint(cfg)
+    mask = lineage_mask(cfg)
+    metadata = {"kind": "lineage-import", "source": str(Path(cfg.path).resolve()),
+                **({"remain_fisher": str(Path(cfg.remain_fisher).resolve()), "gamma": cfg.gamma}
+                   if cfg.remain_fisher else {})}
+    save_mask(cfg.out, mask, metadata)
+    return {"out": cfg.out, "density": mask_density(mask), "tensors": len(mask)}

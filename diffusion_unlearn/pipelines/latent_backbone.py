@@ -1,0 +1,129 @@
+"""The backbone adapter for a latent DiT: the same interface as `DDPMBackbone`, in the VAE's latent space.
+
+A method calls `per_sample_loss(x0, labels, *, cfg_dropout, guidance_w)` on images in [−1, 1] exactly as on
+the pixel DDPM; this adapter encodes them (a VAE posterior SAMPLE × scaling_factor, as the original's
+training and the reference's unlearning, reference-implementation.md §4.1) and returns the DiT training loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
+from diffusion_unlearn.pipelines.backbone import drop_labels
+from diffusion_unlearn.pipelines.pipeline_dit import (ClassConditionalDiTPipeline, SpacedDiffusion, dit_output,
+                                                      dit_training_scheduler)
+
+
+class LatentDiTBackbone:
+    """Latent-space class-conditional DiT with its VAE.
+
+    `model` is the module to call (possibly wrapped by accelerate/DDP); `transformer` the unwrapped one, also
+    reachable as `unet` (DDPMBackbone's name), so the loop, EMA and checkpoints need no branch.
+    `schedule` is the full 1000-step training process (`num_steps`, `q_sample`).
+    """
+
+    kind = "dit"
+
+    def __init__(self, transformer: ClassConditionalDiT, vae: AutoencoderKL | None,
+                 model: torch.nn.Module | None = None, schedule: SpacedDiffusion | None = None):
+        self.transformer = transformer
+        self.model = transformer if model is None else model
+        self.vae = vae
+        self.num_classes = int(transformer.config.num_classes)
+        self.null_class = self.num_classes
+        self.schedule = schedule or SpacedDiffusion.from_scheduler_config(dit_training_scheduler().config)
+
+    @property
+    def unet(self) -> ClassConditionalDiT:
+        return self.transformer
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents the model denoises."""
+        cfg = self.transformer.config
+        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters by name (`pos_embed` is a buffer, never among them)."""
+        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) from images (B, 3, H, W) in [−1, 1], or from precomputed posterior moments
+        (B, 2C, h, w) (mean and log variance, as `vae.encode(x).latent_dist.parameters`): a posterior sample
+        × scaling_factor either way."""
+        c, h, w = self.sample_shape
+        if self.vae is None:
+            raise UserError("this DiT backbone has no VAE: it cannot encode images")
+        sf = self.vae.config.scaling_factor
+        if tuple(x0.shape[1:]) == (2 * c, h, w):
+            return DiagonalGaussianDistribution(x0.float()).sample() * sf  # (B, C, h, w)
+        z = self.vae.encode(x0.to(self.vae.dtype)).latent_dist.sample().float() * sf  # (B, C, h, w)
+        if tuple(z.shape[1:]) != (c, h, w):
+            raise UserError(f"the VAE encodes {tuple(x0.shape[1:])} images to {tuple(z.shape[1:])} latents, "
+                            f"the DiT takes {(c, h, w)}")
+        return z
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_t, t, ε) for images (or moments) x0: a posterior sample, uniform t (not antithetic), fresh ε."""
+        z0 = self.encode(x0)  # (B, C, h, w)
+        return self._noised_latents(z0, t, noise)
+
+    def _noised_latents(self, z0: torch.Tensor, t: torch.Tensor | None, noise: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if t is None:
+            t = torch.randint(0, self.schedule.num_steps, (z0.shape[0],), device=z0.device)  # (B,)
+        if noise is None:
+            noise = torch.randn_like(z0)  # (B, C, h, w)
+        return self.schedule.q_sample(z0, t, noise), t, noise
+
+    def output(self, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *, cfg_dropout: float = 0.0,
+               guidance_w: float | None = None) -> torch.Tensor:
+        """The model output [ε, v] (B, C_out, h, w) with CFG label dropout, or with ε guided as (1+w)ε_c − wε_∅
+        on every ε channel (v from the conditional half) when `guidance_w` is given."""
+        steps = self.schedule.model_timesteps(t)  # (B,)
+        if guidance_w is None:
+            return dit_output(self.model, z_t, steps, drop_labels(labels, cfg_dropout, self.null_class))
+        null = torch.full_like(labels, self.null_class)
+        out = dit_output(self.model, torch.cat([z_t, z_t]), torch.cat([steps, steps]), torch.cat([labels, null]))
+        cond, uncond = out.chunk(2)  # (B, C_out, h, w) each
+        c = z_t.shape[1]
+        eps = (1 + guidance_w) * cond[:, :c] - guidance_w * uncond[:, :c]  # (B, C, h, w)
+        return torch.cat([eps, cond[:, c:]], dim=1)
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *, cfg_dropout: float = 0.0,
+            guidance_w: float | None = None) -> torch.Tensor:
+        """ε_θ(z_t, t, c̃) (B, C, h, w): the ε channels of `output`."""
+        return self.output(z_t, t, labels, cfg_dropout=cfg_dropout, guidance_w=guidance_w)[:, :z_t.shape[1]]
+
+    def per_sample_loss(self, x0: torch.Tensor, labels: torch.Tensor, *, t: torch.Tensor | None = None,
+                        noise: torch.Tensor | None = None, cfg_dropout: float = 0.0,
+                        guidance_w: float | None = None) -> torch.Tensor:
+        """ℓ_i = mse + vb per sample, the original's `training_losses` (§4.1): mse = mean_{C,h,w}(ε − ε̂)²;
+        vb = the variational-bound term (bits/dim) with ε̂ DETACHED, so it trains only the variance channels
+        (present when the model predicts its variance). Uniform t, fresh ε and a fresh posterior sample."""
+        z0 = self.encode(x0)  # (B, C, h, w)
+        z_t, t, noise = self._noised_latents(z0, t, noise)
+        out = self.output(z_t, t, labels, cfg_dropout=cfg_dropout, guidance_w=guidance_w)  # (B, C_out, h, w)
+        c = z0.shape[1]
+        eps = out[:, :c]  # (B, C, h, w)
+        loss = (noise - eps).square().flatten(1).mean(dim=1)  # (B,)
+        if out.shape[1] == 2 * c:
+            frozen = torch.cat([eps.detach(), out[:, c:]], dim=1)  # (B, 2C, h, w)
+            loss = loss + self.schedule.vb_terms(z0, z_t, t, frozen)  # (B,)
+        return loss
+
+    def generate(self, classes: list[int], per_class: int, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_class` guided samples of each class from the current weights (a `SamplerConfig`: `ddpm` is the
+        paper-faithful sampler, `ddim` the fast one): images (N, 3, H, W) in [−1, 1] on the CPU and labels (N,)."""
+        from diffusion_unlearn.sample import generate  # the CLI-level sampler: per-index seeds, batching
+
+        pipeline = ClassConditionalDiTPipeline(transformer=self.transformer, vae=self.vae,
+                                               scheduler=dit_training_scheduler())
+        images, labels, _ = generate(pipeline, classes, per_class, sampler, progress=False)
+        return images, labels
