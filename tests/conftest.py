@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 # The golden values live beside the repository, in the workspace's shared folder (see its README.md).
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -16,3 +17,25 @@ def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden reference values not found at {GOLDEN_DIR} (they live outside the repository)")
     return GOLDEN_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, spinning threads make small steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised tiny lineage U-Net model folder (10 digit classes); read-only for tests."""
+    from diffusion_unlearn.modelfolder import ModelMeta, save_model_folder
+    from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model_folder(path, ClassConditionalUNet.from_preset("tiny"),
+                      ModelMeta(class_names=[str(i) for i in range(10)], dataset="digits"))
+    return path

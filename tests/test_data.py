@@ -13,6 +13,8 @@ from PIL import Image
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split, load_dataset
 from diffusion_unlearn.fileio import UserError
 
+from builders import write_cifar
+
 # ----------------------------------------------------------------------------- digits
 
 
@@ -61,21 +63,6 @@ def test_digits_bad_image_size():
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-def _write_cifar(folder, n=2):
-    """Tiny CIFAR-10 fixture: 5 data batches + test batch of `n` images each, labels 0..9."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        data = rng.integers(0, 100, size=(n, 3072), dtype=np.uint8)
-        labels = [(i * n + k) % 10 for k in range(n)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * n}, f, protocol=2)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)
-
-
 def _set_pixel(path, image, channel, row, col, value):
     with open(path, "rb") as f:
         d = pickle.load(f, encoding="bytes")
@@ -86,7 +73,7 @@ def _set_pixel(path, image, channel, row, col, value):
 
 def test_cifar_decodes_pixels_and_labels(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar(folder)
+    write_cifar(folder, per_batch=2, max_value=100)
     _set_pixel(folder / "data_batch_2", image=1, channel=1, row=5, col=7, value=255)  # G, row 5, col 7
     for root in (tmp_path, folder):  # parent of cifar-10-batches-py/ or the folder itself
         ds = load_dataset("cifar10", root=str(root))
@@ -111,7 +98,7 @@ def test_cifar_decodes_pixels_and_labels(tmp_path):
 
 def test_cifar_reads_old_numpy_module_name(tmp_path):
     """Official batches name numpy.core.multiarray._reconstruct (numpy 1.x), which must be accepted."""
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path, per_batch=2, max_value=100)
     path = tmp_path / "test_batch"
     raw = path.read_bytes()
     old = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
@@ -129,7 +116,7 @@ class _Evil:
 
 
 def test_cifar_refuses_forbidden_global(tmp_path):
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path, per_batch=2, max_value=100)
     marker = tmp_path / "pwned"
     with open(tmp_path / "data_batch_1", "wb") as f:
         pickle.dump({b"data": _Evil(str(marker)), b"labels": [0]}, f, protocol=2)
@@ -139,7 +126,7 @@ def test_cifar_refuses_forbidden_global(tmp_path):
 
 
 def test_cifar_refuses_corrupt_official_size_file(tmp_path):
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path, per_batch=2, max_value=100)
     with open(tmp_path / "data_batch_1", "wb") as f:
         f.truncate(31035704)  # sparse file of the official size, wrong MD5
     with pytest.raises(UserError, match="corrupt .MD5 mismatch"):
@@ -151,7 +138,7 @@ def test_cifar_missing_folder_explains_fix(tmp_path):
         load_dataset("cifar10", root=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="--data-root"):
         load_dataset("cifar10")
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path, per_batch=2, max_value=100)
     (tmp_path / "data_batch_4").unlink()
     with pytest.raises(UserError, match="data_batch_4"):
         load_dataset("cifar10", root=str(tmp_path))

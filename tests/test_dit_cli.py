@@ -22,12 +22,6 @@ TINY_FORGET = ["--iterations", "2", "--batch-size", "2", "--fisher-batch-size", 
                "--sa-fisher-chunk", "2", "--device", "cpu", *FAST_SAMPLER]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,6 @@ from diffusion_unlearn.eval.metrics import classification_metrics
 from diffusion_unlearn.fileio import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two spinning threads make training steps ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- metrics

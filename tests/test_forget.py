@@ -14,13 +14,6 @@ from diffusion_unlearn.saliency import load_mask, mask_metadata
 from diffusion_unlearn.unlearn import forget, mask
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_model_folder(path, ClassConditionalUNet.from_preset("tiny"), ModelMeta(class_names=[str(i) for i in range(10)],
-                                                                              dataset="digits"))
-    return path
 
 
 def _cfg(model, out, **kw):

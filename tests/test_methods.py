@@ -28,22 +28,8 @@ from diffusion_unlearn.saliency import gradient_saliency, load_mask, mask_metada
 from diffusion_unlearn.unlearn import Unlearner, forget, mask, optimizer_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, spinning threads make small steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_model_folder(path, ClassConditionalUNet.from_preset("tiny"), ModelMeta(class_names=[str(i) for i in range(10)],
-                                                                              dataset="digits"))
-    return path
 
 
 @pytest.fixture

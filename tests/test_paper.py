@@ -27,16 +27,11 @@ from diffusion_unlearn.models.unet_lineage import UNET_PRESETS, ClassConditional
 from diffusion_unlearn.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusion_unlearn.saliency import load_mask, mask_metadata, ratio_mask
 
+from builders import write_cifar
+
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, spinning threads make small steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def resolve(command: str, *args: str):
@@ -47,20 +42,6 @@ def resolve(command: str, *args: str):
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def write_cifar(folder, per_batch: int = 4) -> None:
-    """A CIFAR-10-format fixture: 5 data batches and a test batch of `per_batch` images, labels cycling 0..9."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = [(i * per_batch + k) % 10 for k in range(per_batch)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}, f, protocol=2)
 
 
 @pytest.fixture(scope="module")

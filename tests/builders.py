@@ -1,0 +1,23 @@
+"""Fixture builders shared by the tests."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from diffusion_unlearn.convert import CIFAR10_CLASSES
+
+
+def write_cifar(folder, per_batch: int = 4, max_value: int = 256) -> None:
+    """A CIFAR-10-format fixture: 5 data batches and a test batch of `per_batch` images, labels cycling 0..9."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, max_value, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [(i * per_batch + k) % 10 for k in range(per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}, f, protocol=2)
