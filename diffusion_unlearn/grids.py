@@ -12,8 +12,9 @@ from diffusion_unlearn.fileio import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (N, C, H, W) → uint8 (N, C, H, W), clamped (no per-image stretch)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """[-1, 1] float (N, C, H, W) → uint8 round((x + 1)/2 · 255), clamped (no per-image stretch): the PNGs
+    we write and the images FID reads."""
+    return ((images.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def _to_pil(img: torch.Tensor) -> Image.Image:

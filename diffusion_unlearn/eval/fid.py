@@ -25,6 +25,7 @@ from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.config import resolve_device
 from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier, sha256_file
 from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint
+from diffusion_unlearn.grids import to_uint8
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
@@ -41,11 +42,6 @@ FID_PROTOCOLS = {
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] → uint8 in 0..255, as a sampler saving PNGs would."""
-    return ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
 
 
 def legacy_uint8(x: torch.Tensor) -> torch.Tensor:
