@@ -146,3 +146,23 @@ def test_guided_loss_uses_guided_output(tiny_unet):
     assert not torch.allclose(a, b)
     torch.manual_seed(5)
     assert torch.equal(a, backbone.per_sample_loss(x, y))  # deterministic under the global seed
+
+
+def test_fisher_quirk_switches_change_the_diagonal(tiny_model):
+    """Reference quirks §7.7: per-batch clipping bounds Σ F by clip² and the guided loss gives another F."""
+    from diffusion_unlearn.data import load_dataset
+    from diffusion_unlearn.modelfolder import load_model_folder
+    from diffusion_unlearn.saliency import fisher_diagonal
+
+    backbone = DDPMBackbone(load_model_folder(tiny_model).unet)
+    data = load_dataset("digits").with_classes([3])
+    kw = dict(batch_size=16, max_batches=2, seed=0)
+    total = lambda f: sum(float(v.sum()) for v in f.values())  # noqa: E731
+    torch.manual_seed(0)
+    plain = total(fisher_diagonal(backbone, data, **kw))
+    torch.manual_seed(0)
+    clipped = total(fisher_diagonal(backbone, data, clip=1e-3, **kw))
+    torch.manual_seed(0)
+    guided = total(fisher_diagonal(backbone, data, guidance_w=2.0, **kw))
+    assert clipped <= 1e-6 * 1.001 < plain  # mean over batches of ‖clip(g)‖² ≤ clip²
+    assert not math.isclose(guided, plain, rel_tol=1e-3)
