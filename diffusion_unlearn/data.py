@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import copy
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .fileio import UserError
+from .fileio import UserError, file_hash
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
@@ -159,18 +158,10 @@ class _CifarUnpickler(pickle.Unpickler):
         return _PICKLE_ALLOWED[(module, name)]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_cifar_pickle(path: Path) -> Any:
     """Unpickle one CIFAR-10 file safely; official-size files must match the official MD5."""
     size, md5 = _CIFAR_OFFICIAL.get(path.name, (None, None))
-    if path.stat().st_size == size and _md5(path) != md5:
+    if path.stat().st_size == size and file_hash(path, "md5") != md5:
         raise UserError(f"{path} is corrupt (MD5 mismatch); delete it and re-download cifar-10-python.tar.gz")
     try:
         with open(path, "rb") as f:

@@ -85,9 +85,10 @@ class LoadedModel:
 
 
 def save_model_folder(path: str | Path, unet: torch.nn.Module, meta: ModelMeta,
-                      vae: AutoencoderKL | None = None) -> Path:
+                      vae: AutoencoderKL | None = None, extra: dict[str, dict] | None = None) -> Path:
     """Write atomically: a killed write never leaves a half folder at `path`. A `ClassConditionalDiT` is saved
-    with its `vae` (meta `backbone: dit`), any other denoiser as a pixel-space DDPM."""
+    with its `vae` (meta `backbone: dit`), any other denoiser as a pixel-space DDPM. `extra` maps file names to
+    objects `torch.save`d into the same atomic write (e.g. a training state beside its weights)."""
     path = Path(path)
     if unet_num_classes(unet) != meta.num_classes:
         raise ValueError("class names do not match the model's class count")
@@ -101,6 +102,8 @@ def save_model_folder(path: str | Path, unet: torch.nn.Module, meta: ModelMeta,
         record.update(num_classes=meta.num_classes, null_class=meta.num_classes, channels=c, image_size=h,
                       model_class=type(unet).__name__)
         write_json(tmp / META_FILE, record)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
     return path
 
 

@@ -68,9 +68,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         state = None if final else {"iteration": iteration, "model": raw or unet.state_dict(),
                                     "optim": opt.state_dict(), "ema": ema.state_dict(),
                                     "stream": stream.state_dict(), "rng": torch.get_rng_state(), "losses": losses}
-        save_model_folder(out, unet, meta)
-        if state is not None:
-            torch.save(state, out / STATE_FILE)  # the folder itself was just replaced atomically
+        save_model_folder(out, unet, meta, extra=None if state is None else {STATE_FILE: state})
         if raw:
             with torch.no_grad():
                 for n, p in unet.named_parameters():

@@ -6,7 +6,6 @@ A trained classifier is a folder with `classifier.safetensors` and `classifier.j
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -21,7 +20,8 @@ from tqdm import tqdm
 
 from diffusion_unlearn.config import resolve_device
 from diffusion_unlearn.data import ImageDataset, load_dataset
-from diffusion_unlearn.fileio import UserError, atomic_dir, load_pickled_checkpoint, read_json, strip_prefix, write_json
+from diffusion_unlearn.fileio import (UserError, atomic_dir, file_hash, load_pickled_checkpoint, read_json, strip_prefix,
+                                      write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class FAClassifier(nn.Module):
         self.meta = meta
         self.path = path  # the folder it was loaded from; None while training
         self.class_names: list[str] = list(meta["class_names"])
-        self.weights_sha256 = sha256_file(path / WEIGHTS_FILE) if path is not None else None
+        self.weights_sha256 = file_hash(path / WEIGHTS_FILE) if path is not None else None
         norm = meta["normalisation"]
         self.register_buffer("mean", torch.tensor(norm["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm["std"]).view(1, -1, 1, 1), persistent=False)
@@ -170,14 +170,6 @@ def load_classifier(path: str | os.PathLike, device: str = "cpu") -> FAClassifie
             f"{path} holds a damaged classifier ({type(e).__name__}: {str(e).splitlines()[0][:120]}); retrain it"
         ) from e
     return FAClassifier(net.requires_grad_(False), meta, path).to(device)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- training

@@ -23,8 +23,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.config import resolve_device
-from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier, sha256_file
-from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint
+from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier
+from diffusion_unlearn.fileio import UserError, file_hash, load_pickled_checkpoint
 from diffusion_unlearn.grids import to_uint8
 
 INCEPTION = "inception-v3-compat"
@@ -199,7 +199,7 @@ def compute_fid(
     if extractor == "inception":
         weights = find_inception_weights(inception_weights)
         load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
-        sha = sha256_file(weights)
+        sha = file_hash(weights)
         name, layer, extractor_id = INCEPTION, "2048", f"{INCEPTION}-{sha[:16]}"
         label = f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"
     elif isinstance(extractor, FAClassifier) and extractor.path is not None:
