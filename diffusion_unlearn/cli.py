@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from diffusion_unlearn.config import (ConvertConfig, DemoConfig, EvalConfig, ForgetConfig, MaskConfig, PretrainConfig,
-                                      SampleConfig, add_config_arguments, config_from_args)
+                                      SampleConfig, StudyConfig, add_config_arguments, config_from_args)
 from diffusion_unlearn.fileio import UserError
 
 
@@ -19,14 +19,18 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from diffusion_unlearn.demo import demo
     from diffusion_unlearn.eval.classifier import ClassifierConfig, train_classifier
     from diffusion_unlearn.eval.evaluate import evaluate
+    from diffusion_unlearn.eval.import_classifier import ImportClassifierConfig, import_classifier
     from diffusion_unlearn.methods import MethodsConfig, list_methods
     from diffusion_unlearn.pretrain import pretrain
     from diffusion_unlearn.sample import sample
+    from diffusion_unlearn.study import study
     from diffusion_unlearn.unlearn import forget, mask
 
     return {
         "pretrain": (PretrainConfig, pretrain, "train a base model (or the retrain baseline with --exclude-class)"),
         "train-classifier": (ClassifierConfig, train_classifier, "train the FA classifier"),
+        "import-classifier": (ImportClassifierConfig, import_classifier,
+                              "an ImageNet classifier's local weights (torchvision/timm) → an FA classifier folder"),
         "mask": (MaskConfig, mask, "SFRon Fisher-ratio saliency mask"),
         "forget": (ForgetConfig, forget, "unlearn one class (SFRon + DualOptim by default)"),
         "methods": (MethodsConfig, list_methods, "list the forget methods, their papers and presets"),
@@ -34,6 +38,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "eval": (EvalConfig, evaluate, "FA, retained accuracy and FID"),
         "convert": (ConvertConfig, convert, "import the lineage's ckpt.pth or a DiT (→ model folder), mask/Fisher .pt files; "
                     "export DiT folders"),
+        "study": (StudyConfig, study, "stability study: methods × optimizer setups × classes × seeds → table, "
+                  "CSV, FA/FID curves"),
         "demo": (DemoConfig, demo, "the whole path on the embedded digits dataset"),
     }
 

@@ -26,12 +26,15 @@ DEFAULT_CACHE = ".cache/diffusion-unlearn"
 @dataclass
 class SamplerConfig:
     """How images are drawn. `guidance_scale` is the standard CFG scale s (ε_u + s(ε_c − ε_u));
-    the DDPM lineage's w is s − 1 (`--guidance-w`)."""
+    the DDPM lineage's w is s − 1 (`--guidance-w`). A field left None takes the model's backbone default
+    once the model is loaded (`sampler_defaults.resolve_sampler`)."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
+    sampler: Literal["ddim", "ddpm"] | None = field(
+        default=None, metadata={"help": "unset: ddim on DDPM models, ddpm (the paper's respaced sampler) on DiT"})
+    steps: int | None = field(default=None, metadata={"help": "unset: 50; 250 for DiT's ddpm"})
     eta: float = 0.0
-    guidance_scale: float = 3.0
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "unset: 3 on DDPM models; on DiT 1.5 (eval, sample --out-dir), 4 (grids)"})
     sample_batch_size: int = 500
     seed: int = 0
 
@@ -43,14 +46,24 @@ class SamplerConfig:
 
 @dataclass
 class PretrainConfig:
-    """Train a base model (or, with `exclude_class`, the retrain baseline) on a dataset."""
+    """Train a base model (or, with `exclude_class`, the retrain baseline) on a dataset. `--backbone dit`: a latent
+    DiT (`--model-preset digits` or a paper size such as DiT-S/2) on the latents of `--vae FOLDER`, or of a small
+    VAE (`--vae-preset`) trained on the same images first; the retrain baseline should share the base's VAE
+    (`--vae BASE_FOLDER`)."""
 
     dataset: str = "digits"
     data_root: str | None = None
     out: str = "runs/base"
     exclude_class: int | None = None
-    backbone: Literal["lineage-unet", "diffusers-unet"] = "lineage-unet"
+    backbone: Literal["lineage-unet", "diffusers-unet", "dit"] = "lineage-unet"
     model_preset: str = "digits"
+    vae: str | None = None  # dit: a diffusers AutoencoderKL folder, or a DiT model folder's vae/; unset: train one
+    vae_preset: str = "digits"  # dit without --vae: the VAE trained first (vae.VAE_PRESETS)
+    vae_iterations: int = 600
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-3  # weight of KL(q(z|x) ‖ N(0, I)) per image dimension beside the MSE
+    latent_cache: bool = True  # dit: encode the training set once to posterior moments (under cache_dir)
+    cache_dir: str = DEFAULT_CACHE
     iterations: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
@@ -148,6 +161,10 @@ class ForgetConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     checkpoint_every: int = 25
     log_every: int = 10
+    hflip: bool = False  # random horizontal flips in the forget and retain batches (the DiT reference's, §4.2)
+    latent_cache: bool = False  # DiT: forget and retain batches from cached VAE posterior moments (latents.py)
+    latent_cache_retain: int = 5000  # ... of at most this many retain images (a fixed random subset)
+    cache_dir: str = DEFAULT_CACHE
     gradient_checkpointing: bool = False  # recompute activations in backward (models that support it: DiT)
     mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the denoiser
     seed: int = 0
@@ -234,9 +251,47 @@ class ConvertConfig:
 
 
 @dataclass
-class DemoConfig:
-    """The whole path on the embedded digits: base model, classifier, SFRon + DualOptim, evaluation, report."""
+class StudyConfig:
+    """Stability study (paper Table 1/3, Figure 2): every method × optimizer setup × forgotten class × seed, each
+    run and evaluated alike. Writes a table of mean ± std, a CSV of every cell and FA/FID-over-iterations plots;
+    `--forget-lrs` sweeps the forget lr (shared: its single lr). Finished cells are never rerun. `dual` runs a
+    method's alternate schedule with two optimizers; `shared` its preset schedule with one."""
 
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    classifier: str = ""
+    out: str = "runs/study"
+    methods: str = "sfron,salun,sa"
+    optims: str = "dual,shared"
+    classes: str = "all"  # forgotten classes: 'all', '0-9', '0,3,5'
+    seeds: str = "0"
+    preset_prefix: str = "digits-"  # each method's settings: configs/<prefix><method>.yaml, else its defaults
+    iterations: str = ""  # all methods (e.g. 150) or per method (sfron=150,sa=300); empty: the presets'
+    batch_size: int | None = None  # overrides the presets' batch size
+    forget_lrs: str = ""  # lr sensitivity: comma-separated forget lrs (shared: its one lr)
+    retrain_dir: str | None = None  # one retrain model folder per forgotten class (any names; read from metadata)
+    train_retrain: bool = False  # train the missing retrain baselines into <out>/retrain
+    retrain_preset: str = "digits-pretrain"  # how --train-retrain trains them (with exclude_class set)
+    fa_samples: int = 100
+    retain_samples_per_class: int = 50
+    curve_every: int = 30  # iterations between points of the FA/FID curves
+    curve_fa_samples: int = 50
+    curve_retain_per_class: int = 20
+    fid_extractor: Literal["auto", "inception", "classifier"] = "auto"
+    fid_weights: str | None = None
+    cache_dir: str = DEFAULT_CACHE
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20))
+    jobs: int = 1  # cells run at once, each in its own process with cores/jobs threads
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig:
+    """The whole path on the embedded digits: base model, classifier, SFRon + DualOptim, evaluation, report.
+    `--backbone dit`: a latent DiT on the latents of a small VAE, both trained on the digits first."""
+
+    backbone: Literal["ddpm", "dit"] = "ddpm"
     forget_class: int = 0
     out: str = "runs/demo"
     optim: Literal["dual", "shared"] = "dual"
@@ -375,7 +430,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", help="YAML file of options (flags given here override it)")
     parser.add_argument("--preset", help=f"a named YAML preset from {CONFIG_DIR}")
     defaults = _flat_values(cls())
-    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    metadata = _field_metadata(cls)
     for name, (path, tp) in _flat_fields(cls).items():
         flag = metadata.get(name, {}).get("flag", "--" + name.replace("_", "-"))
         help_default = " ".join([metadata.get(name, {}).get("help", ""), f"(default: {defaults[name]})"]).strip()
@@ -396,6 +451,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     if "guidance_scale" in _flat_fields(cls):
         parser.add_argument("--guidance-w", type=float, default=argparse.SUPPRESS,
                             help="the lineage's guidance w; sets --guidance-scale to 1 + w")
+
+
+def _field_metadata(cls: type) -> dict[str, Any]:
+    """Leaf field name → its dataclass field metadata (`flag`, `help`, `positional`), nested fields included."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        out.update(_field_metadata(tp) if _is_dataclass_type(tp) else {f.name: f.metadata})
+    return out
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -42,11 +42,11 @@ def parse_class_names(spec: str) -> list[str]:
     return names
 
 
-def dit_class_names(spec: str, num_classes: int) -> list[str]:
-    """'index' → '0'..'K−1'; otherwise `parse_class_names`, which must give the DiT's K names."""
+def indexed_class_names(spec: str, num_classes: int, owner: str = "the DiT") -> list[str]:
+    """'index' → '0'..'K−1' (our ImageNet folders); otherwise `parse_class_names`, which must give `owner`'s K."""
     names = [str(i) for i in range(num_classes)] if spec == "index" else parse_class_names(spec)
     if len(names) != num_classes:
-        raise UserError(f"--class-names gives {len(names)} names but the DiT has {num_classes} classes; "
+        raise UserError(f"--class-names gives {len(names)} names but {owner} has {num_classes} classes; "
                         f"pass {num_classes} comma-separated names or --class-names index")
     return names
 
@@ -70,7 +70,7 @@ def convert_dit(cfg: ConvertConfig) -> dict:
         model = load_original_dit(cfg.path, cfg.dit_size, cfg.num_heads, trust_pickle=cfg.trust_pickle)
     else:
         model, vae, _ = load_diffusers_dit_folder(cfg.path)
-    names = dit_class_names(cfg.class_names, int(model.config.num_classes))
+    names = indexed_class_names(cfg.class_names, int(model.config.num_classes))
     meta = ModelMeta(class_names=names, weights=cfg.weights, backbone="dit",
                      history=[{"op": "convert", "source": str(Path(cfg.path).resolve()), "format": cfg.from_format,
                                "weights": cfg.weights}])

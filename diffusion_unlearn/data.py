@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import codecs
 import copy
+import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,21 +52,39 @@ class ImageDataset(torch.utils.data.Dataset):
         x, y = self.get_batch(torch.tensor([i]))
         return x[0], int(y[0])
 
-    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] and labels (B,) of the items at `indices`."""
+    def get_batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] and labels (B,) of the items at `indices`; those where the bool (B,)
+        `flip` is set are mirrored horizontally."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         y = self.targets[indices]  # (B,)
         rows = self._rows[indices]  # (B,)
         if self._pixels is None:
-            return torch.stack([self._load(int(r)) for r in rows]), y
-        x = self._pixels[rows].float()  # (B, C, H, W)
-        return x / self._pixel_max * 2 - 1, y
+            x = torch.stack([self._load(int(r)) for r in rows])  # (B, C, H, W)
+        else:
+            x = self._pixels[rows].float() / self._pixel_max * 2 - 1  # (B, C, H, W)
+        if flip is not None:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what this view's images are: dataset, split, transform, labels, and the pixels (in
+        memory) or each file's path, size and modification time (lazy)."""
+        h = hashlib.sha256("|".join([self.name, self.split, str(self.root), self.transform_id,
+                                     str(self.image_size), str(self.channels)]).encode())
+        h.update(self.targets.numpy().tobytes())
+        if self._pixels is not None:
+            h.update(self._pixels[self._rows].numpy().tobytes())
+        else:
+            for r in self._rows.tolist():
+                st = os.stat(self._files[r])
+                h.update(f"{self._files[r]}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
     def _load(self, row: int) -> torch.Tensor:
-        """Decode one image file: convert, resize the shorter side, center-crop."""
+        """Decode one image file: convert, then ADM's center crop to `image_size`."""
         mode, size = ("L" if self.channels == 1 else "RGB"), self.image_size
         with Image.open(self._files[row]) as im:
-            im = _resize_center_crop(im.convert(mode), size)
+            im = adm_center_crop(im.convert(mode), size)
         x = torch.from_numpy(np.array(im, dtype=np.uint8)).reshape(size, size, self.channels)  # (H, W, C)
         return x.permute(2, 0, 1).float() / 255 * 2 - 1  # (C, H, W)
 
@@ -84,11 +104,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.subset(torch.isin(self.targets, wanted).nonzero().squeeze(1))
 
 
-def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    w, h = im.size
-    if min(w, h) != size:
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+def adm_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """ADM's `center_crop_arr`, which DiT's training and the reference's data use (reference §4.2): halve both
+    sides (floor, BOX filter) while the shorter side is at least 2·size, BICUBIC-resize so the shorter side is
+    `size` (the other: round(side·scale)), then crop size×size at offset ((W − size)//2, (H − size)//2)."""
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.width // 2, im.height // 2), Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     return im.crop((left, top, left + size, top + size))
 
@@ -233,7 +256,7 @@ def _load_imagefolder(root: str | None, split: str, image_size: int | None) -> I
         image_size = w
     return ImageDataset(
         name="imagefolder", split=split, root=str(root), class_names=class_names, channels=1 if mode == "L" else 3,
-        image_size=image_size, transform_id=f"imagefolder-{mode}-centercrop{image_size}",
+        image_size=image_size, transform_id=f"imagefolder-{mode}-admcrop{image_size}",
         targets=torch.tensor(labels), files=files,
     )
 
@@ -254,7 +277,8 @@ class BatchStream:
     """Endless shuffled mini-batches of exactly `batch_size` items; `state_dict` resumes it bitwise.
 
     A batch that crosses an epoch end continues in the next epoch's permutation. With `hflip`, each image
-    is flipped horizontally with probability 1/2, drawn from the stream's own generator.
+    is flipped horizontally with probability 1/2, drawn from the stream's own generator and passed to the
+    dataset's `get_batch` (a latent moment set picks its flipped image's encoding, `latents.LatentMoments`).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, hflip: bool = False) -> None:
@@ -277,11 +301,8 @@ class BatchStream:
             if self.position == len(self.perm):
                 self.epoch, self.position = self.epoch + 1, 0
                 self.perm = torch.randperm(len(self.perm), generator=self.generator)
-        x, y = self.dataset.get_batch(torch.cat(parts))  # (B, C, H, W), (B,)
-        if self.hflip:
-            flip = torch.rand(self.batch_size, generator=self.generator) < 0.5  # (B,)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, y
+        flip = torch.rand(self.batch_size, generator=self.generator) < 0.5 if self.hflip else None  # (B,)
+        return self.dataset.get_batch(torch.cat(parts), flip)  # (B, C, H, W), (B,)
 
     __next__ = next
 

@@ -1,11 +1,13 @@
 """`demo`: the whole path on the embedded digits, on a fresh machine, in minutes.
 
 base model (cached) → FA classifier (cached) → eval base → SFRon + DualOptim → eval unlearned → report.
+`--backbone dit` runs it on a latent DiT: a small VAE and the DiT on its latents are the base model.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusion_unlearn.config import (DemoConfig, EvalConfig, ForgetConfig, PretrainConfig, SamplerConfig,
@@ -23,14 +25,34 @@ DEMO_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=0.0, guidance_scale=3
 DEMO_FA_SAMPLES, DEMO_RETAIN_PER_CLASS = 250, 100
 
 
+@dataclass(frozen=True)
+class DemoRecipe:
+    pretrain_preset: str  # how the base model trains
+    forget_preset: str  # how it unlearns
+    base_name: str  # the base model's folder under the cache dir (+ "-seed{seed}")
+    model: str  # what the report calls the model
+
+
+RECIPES = {
+    "ddpm": DemoRecipe("digits-pretrain", "digits-sfron", "digits-base", "DDPM U-Net"),
+    "dit": DemoRecipe("digits-dit-pretrain", "digits-dit-sfron", "digits-dit-base", "latent DiT"),
+}
+
+
+def preset_values(name: str) -> dict:
+    """A preset's options (documentation keys such as `_source` left out)."""
+    return {k: v for k, v in load_yaml(preset_path(name)).items() if not k.startswith("_")}
+
+
 def demo(cfg: DemoConfig) -> dict:
     started = time.perf_counter()
     if not 0 <= cfg.forget_class < 10:
         raise UserError(f"--forget-class {cfg.forget_class} is outside the digits classes 0..9")
+    recipe = RECIPES[cfg.backbone]
     cache, out = Path(cfg.cache_dir), Path(cfg.out)
-    base = cache / f"digits-base-seed{cfg.seed}"
-    pretrain(build_config(PretrainConfig, {**load_yaml(preset_path("digits-pretrain")), "out": str(base),
-                                           "seed": cfg.seed}))
+    base = cache / f"{recipe.base_name}-seed{cfg.seed}"
+    pretrain(build_config(PretrainConfig, {**preset_values(recipe.pretrain_preset), "out": str(base),
+                                           "seed": cfg.seed, "cache_dir": str(cache)}))
     classifier = cache / "digits-classifier"
     try:
         load_classifier(classifier)
@@ -41,9 +63,9 @@ def demo(cfg: DemoConfig) -> dict:
                   cache_dir=str(cache / "fid"), sampler=DEMO_SAMPLER, fa_samples=DEMO_FA_SAMPLES,
                   retain_samples_per_class=DEMO_RETAIN_PER_CLASS)
     metrics_base = evaluate(EvalConfig(model=str(base), out=str(out / "metrics-base.json"), **common))
-    forget_cfg = build_config(ForgetConfig, {**load_yaml(preset_path("digits-sfron")), "model": str(base),
+    forget_cfg = build_config(ForgetConfig, {**preset_values(recipe.forget_preset), "model": str(base),
                                              "forget_class": cfg.forget_class, "optim": cfg.optim,
-                                             "out": str(out / "forget"), "seed": cfg.seed})
+                                             "out": str(out / "forget"), "seed": cfg.seed, "cache_dir": str(cache)})
     forget_cfg.sampler = DEMO_SAMPLER
     paths = OutputPaths(Path(forget_cfg.out))
     if not paths.model.exists() or paths.state.exists():
@@ -52,7 +74,8 @@ def demo(cfg: DemoConfig) -> dict:
 
     loss_plot(paths.log, out / "losses.png")
     report = write_report(
-        out / "report.md", title=f"SFRon + {'DualOptim' if cfg.optim == 'dual' else 'shared optimizer'} on digits",
+        out / "report.md", title=f"SFRon + {'DualOptim' if cfg.optim == 'dual' else 'shared optimizer'} on digits "
+                                 f"({recipe.model})",
         base=metrics_base, unlearned=metrics_unlearned, grid_before=paths.grid_before, grid_after=paths.grid_after,
         loss_png=out / "losses.png",
         notes=[f"base model: {base}", f"classifier: {classifier} (test accuracy "

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.utils import logging as diffusers_logging
 
+from diffusion_unlearn.data import ImageDataset, load_dataset
 from diffusion_unlearn.fileio import UserError, atomic_dir, read_json, write_json
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
@@ -132,6 +133,12 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> L
         pipeline.vae.requires_grad_(False)  # frozen: never in masks, optimizers, EMA or state
     pipeline.to(device)
     return LoadedModel(pipeline=pipeline, meta=meta, path=path)
+
+
+def load_model_dataset(loaded: LoadedModel, name: str, root: str | None, split: str = "train") -> ImageDataset:
+    """Dataset `name` as the model sees it: an image folder (e.g. ImageNet's train/) ADM-center-cropped to the
+    model's image side; digits and CIFAR-10 at their own size (`check_model_data` compares)."""
+    return load_dataset(name, root, split, image_size=loaded.sample_shape[1] if name == "imagefolder" else None)
 
 
 def check_model_data(loaded: LoadedModel, dataset, forget_class: int) -> None:

@@ -1,4 +1,8 @@
-"""Train a base model, or with `exclude_class` the retrain baseline (the gold standard, reference §1.6)."""
+"""Train a base model, or with `exclude_class` the retrain baseline (the gold standard, reference §1.6).
+
+A pixel-space DDPM U-Net, or a latent DiT (reference §4.1): its frozen VAE is loaded (`--vae`) or trained on
+the same images first (vae.py), and the DiT trains on the VAE's posterior moments, cached once (latents.py).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffusers import AutoencoderKL
+
 from diffusion_unlearn.config import PretrainConfig, config_to_dict, resolve_device
-from diffusion_unlearn.data import BatchStream, load_dataset
+from diffusion_unlearn.data import BatchStream, ImageDataset, load_dataset
 from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.fileio import UserError, read_json, write_json
+from diffusion_unlearn.latents import CACHE_SUBDIR, cached_moments
 from diffusion_unlearn.modelfolder import ModelMeta, save_model_folder
-from diffusion_unlearn.models.factory import build_unet
+from diffusion_unlearn.models.factory import build_dit, build_unet, dit_spec
 from diffusion_unlearn.optim import OptimizerSpec
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
+from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
+from diffusion_unlearn.vae import (build_vae, check_vae_fits, latent_side, load_vae, measure_scaling_factor,
+                                   train_vae)
 
 STATE_FILE = "training_state.pt"
 TRAINING_FILE = "training.json"
@@ -38,16 +48,29 @@ def pretrain(cfg: PretrainConfig) -> dict:
             raise UserError(f"--exclude-class {cfg.exclude_class} is outside the dataset's classes 0..{k - 1}")
         dataset = dataset.with_classes([c for c in range(k) if c != cfg.exclude_class])
 
+    resuming = (out / STATE_FILE).is_file()
+    vae = None
+    if cfg.backbone == "dit":
+        dit_spec(cfg.model_preset)  # an unknown preset fails before the VAE trains
+        vae = latent_vae(cfg, dataset, out, resuming, device)
+
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.backbone, cfg.model_preset, channels=dataset.channels, image_size=dataset.image_size,
-                      num_classes=k).to(device)
-    backbone = DDPMBackbone(unet)
+    if vae is None:
+        unet = build_unet(cfg.backbone, cfg.model_preset, channels=dataset.channels, image_size=dataset.image_size,
+                          num_classes=k).to(device)
+        backbone, data = DDPMBackbone(unet), dataset
+    else:
+        unet = build_dit(cfg.model_preset, latent_channels=int(vae.config.latent_channels),
+                         latent_size=latent_side(vae, dataset.image_size), num_classes=k).to(device)
+        backbone = LatentDiTBackbone(unet, vae)
+        data = (cached_moments(vae, dataset, hflip=cfg.hflip, cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
+                if cfg.latent_cache else dataset)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = OptimizerSpec(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay).build(params)
     ema = EMA(unet, cfg.ema_rate, warmup=cfg.ema_warmup)
-    stream = BatchStream(dataset, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    stream = BatchStream(data, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
     start, losses = 0, []
-    if (out / STATE_FILE).is_file():
+    if resuming:
         state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
@@ -58,22 +81,25 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, dataset=cfg.dataset,
                      excluded_classes=[] if cfg.exclude_class is None else [cfg.exclude_class],
-                     history=[{"op": "pretrain", "iterations": cfg.iterations, "seed": cfg.seed}])
+                     history=[{"op": "pretrain", "iterations": cfg.iterations, "seed": cfg.seed,
+                               **({} if vae is None else {"vae": cfg.vae or f"trained: {cfg.vae_preset} preset, "
+                                                          f"{cfg.vae_iterations} iterations",
+                                                          "vae_scaling_factor": vae.config.scaling_factor})}])
 
     def checkpoint(iteration: int, final: bool) -> None:
         weights = ema.weights() if cfg.save_weights == "ema" else None
-        raw = {n: p.detach().clone() for n, p in unet.named_parameters()} if weights else None
+        raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if weights else None  # buffers too
         if weights:
             ema.copy_to(unet)
         state = None if final else {"iteration": iteration, "model": raw or unet.state_dict(),
                                     "optim": opt.state_dict(), "ema": ema.state_dict(),
                                     "stream": stream.state_dict(), "rng": torch.get_rng_state(), "losses": losses}
-        save_model_folder(out, unet, meta, extra=None if state is None else {STATE_FILE: state})
+        save_model_folder(out, unet, meta, vae=vae, extra=None if state is None else {STATE_FILE: state})
         if raw:
-            with torch.no_grad():
-                for n, p in unet.named_parameters():
-                    p.copy_(raw[n])
+            unet.load_state_dict(raw)
 
+    if vae is not None and not resuming:
+        checkpoint(0, final=False)  # the VAE is kept from now on: a resumed run trains on the same latents
     unet.train()
     started = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="pretrain")
@@ -95,3 +121,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
                "final_loss": losses[-1][1] if losses else None, "losses": losses, "config": config_to_dict(cfg)}
     write_json(out / TRAINING_FILE, summary)
     return summary
+
+
+def latent_vae(cfg: PretrainConfig, dataset: ImageDataset, out: Path, resuming: bool, device: str) -> AutoencoderKL:
+    """The DiT's frozen VAE: the one an unfinished run in `out` saved, `cfg.vae`, or a `cfg.vae_preset` VAE
+    trained now on `dataset`, its scaling factor measured (1 / std of the latents)."""
+    if resuming or cfg.vae:
+        vae = load_vae(out if resuming else cfg.vae)
+        check_vae_fits(vae, dataset)
+    else:
+        torch.manual_seed(cfg.seed)
+        vae = build_vae(cfg.vae_preset, channels=dataset.channels, image_size=dataset.image_size)
+        check_vae_fits(vae, dataset)
+        train_vae(vae, dataset, iterations=cfg.vae_iterations, batch_size=cfg.batch_size, lr=cfg.vae_lr,
+                  kl_weight=cfg.vae_kl_weight, seed=cfg.seed, hflip=cfg.hflip, device=device)
+        measure_scaling_factor(vae, dataset, seed=cfg.seed, device=device)
+    return vae.to(device).eval().requires_grad_(False)

@@ -264,12 +264,16 @@ def mask_metadata(path: str | Path) -> dict:
 
 
 class GradientMask:
-    """Multiplies gradients by a fixed 0/1 mask in one fused op (`g ← g ⊙ m`)."""
+    """Multiplies gradients by a fixed 0/1 mask in one fused op (`g ← g ⊙ m`).
+
+    The factors stay bool (1 byte a weight, the mask's own tensors when already on the parameter's device), not
+    copies in the parameter dtype: 2.7 GB less for DiT-XL/2 in fp32. `g · True = g`, `g · False = 0` (NaN and
+    inf to NaN), bitwise as the float factors gave."""
 
     def __init__(self, model: torch.nn.Module, mask: Mask):
         params = trainable_parameters(model)
         self.params = list(params.values())
-        self.factors = [mask[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()]
+        self.factors = [mask[n].to(device=p.device, dtype=torch.bool) for n, p in params.items()]
 
     def apply(self) -> None:
         pairs = [(p.grad, m) for p, m in zip(self.params, self.factors) if p.grad is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -13,6 +14,7 @@ from diffusion_unlearn.grids import labelled_grid, save_image_atomic, save_png_f
 from diffusion_unlearn.modelfolder import load_model_folder
 from diffusion_unlearn.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusion_unlearn.pipelines.pipeline_dit import ClassConditionalDiTPipeline
+from diffusion_unlearn.sampler_defaults import is_resolved, resolve_sampler
 
 Pipeline = ClassConditionalPipeline | ClassConditionalDiTPipeline  # both take the same sampler keywords
 
@@ -47,6 +49,8 @@ def generate(pipeline: Pipeline, classes: Sequence[int], per_class: int, sampler
              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`per_class` guided samples of each class: images (N, C, H, W) in [-1, 1], labels, indices. On a DiT,
     `sampler.sampler` "ddpm" is the paper-faithful respaced ancestral sampler, "ddim" the fast DDIM one."""
+    if not is_resolved(sampler):
+        raise ValueError(f"sampler {sampler} has unset fields; fill them with resolve_sampler(...) first")
     labels, indices = class_sample_plan(classes, per_class)
     images = pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
                       sampler=sampler.sampler, eta=sampler.eta, seed=sampler.seed, indices=indices,
@@ -64,6 +68,7 @@ def sample(cfg: SampleConfig) -> dict:
     if not cfg.grid and not cfg.out_dir:
         raise UserError("nothing to write: pass --grid FILE.png and/or --out-dir DIR")
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid" if cfg.grid else "eval"))
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
     images, labels, indices = generate(loaded.pipeline, classes, cfg.per_class, cfg.sampler)
     record = {"model": str(cfg.model), "classes": classes, "per_class": cfg.per_class, "protocol": cfg.protocol,

@@ -21,19 +21,31 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from diffusion_unlearn.config import ForgetConfig, MaskConfig, config_to_dict, resolve_device, write_config_yaml
-from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split, load_dataset
+from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.fileio import UserError, append_jsonl, atomic_path, torch_save_atomic
 from diffusion_unlearn.grids import save_image_atomic
+from diffusion_unlearn.latents import CACHE_SUBDIR, check_latent_cache, forget_retain_moments
 from diffusion_unlearn.methods import Method, build_method
-from diffusion_unlearn.modelfolder import check_model_data, load_model_folder, save_model_folder
+from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder, save_model_folder
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
 from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
 from diffusion_unlearn.saliency import GradientMask, compute_mask, load_mask, mask_density, mask_description, save_mask
-from diffusion_unlearn.sample import class_grid, parse_classes
+from diffusion_unlearn.sample import Pipeline, class_grid, parse_classes
+from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 StepCallback = Callable[[int, str], None]  # (iteration, "forget" | "retain" | "joint"), after each step
+
+
+@dataclass
+class Probe:
+    """Metrics of the weights being unlearned (e.g. FA and FID, for curves over iterations as the paper's
+    Figure 2), measured after every `every`-th iteration and after the last; merged into that iteration's log
+    record, so a resumed run keeps them. `measure` gets the model's pipeline; the global RNG is left as it was."""
+
+    every: int
+    measure: Callable[[Pipeline], dict]
 
 
 class NonFiniteLossError(UserError):
@@ -94,9 +106,10 @@ class Unlearner:
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.ema = EMA(unet, cfg.ema_rate)
         rank = accelerator.process_index
-        self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed * 1000 + 2 * rank)
+        self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed * 1000 + 2 * rank,
+                                         hflip=cfg.hflip)
         self.retain_stream = BatchStream(retain_set, cfg.retain_batch_size or cfg.batch_size,
-                                         seed=cfg.seed * 1000 + 2 * rank + 1)
+                                         seed=cfg.seed * 1000 + 2 * rank + 1, hflip=cfg.hflip)
         self.iteration = 0
 
     # -- state
@@ -173,7 +186,8 @@ class Unlearner:
         self.iteration = k + 1
         return record
 
-    def run(self, paths: OutputPaths, callback: StepCallback | None = None) -> None:
+    def run(self, paths: OutputPaths, callback: StepCallback | None = None,
+            probe: Callable[[], dict] | None = None, probe_every: int = 0) -> None:
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
 
@@ -183,6 +197,10 @@ class Unlearner:
             t0 = time.perf_counter()
             record = self.run_iteration(callback)
             record["seconds"] = time.perf_counter() - t0
+            if probe is not None and (self.iteration % probe_every == 0 or self.iteration == cfg.iterations):
+                self.backbone.model.eval()
+                with torch.random.fork_rng(devices=[]):
+                    record |= probe()
             if acc.is_main_process:
                 append_jsonl(paths.log, record)
                 bar.update(1)
@@ -207,7 +225,7 @@ def _truncate_log(path: Path, iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in keep))
 
 
-def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
+def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe | None = None) -> dict:
     """Unlearn `cfg.forget_class`; write model, mask, config, log, optimizer states and grids to `cfg.out`.
     A folder holding `state.pt` from a killed run resumes where it stopped."""
     out, model_dir = Path(cfg.out), Path(cfg.model)
@@ -217,8 +235,11 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
         raise UserError(f"{out} already holds a finished run; choose another --out")
     accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded = load_model_folder(model_dir, accelerator.device)
-    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid"))  # grids, SA replay
+    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
+    if cfg.latent_cache:
+        check_latent_cache(cfg.method, loaded.meta.backbone)
     grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
     if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
         raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")
@@ -234,6 +255,10 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
     backbone = loaded.backbone()
     method = build_method(cfg)
     retain_set = method.prepare(backbone, forget_set, retain_set, out)
+    if cfg.latent_cache:  # the VAE encodes each image once, not at every step
+        forget_set, retain_set = forget_retain_moments(loaded.vae, forget_set, retain_set, hflip=cfg.hflip,
+                                                       retain_limit=cfg.latent_cache_retain,
+                                                       cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
     if mask is None and paths.mask.exists():
         mask = load_mask(paths.mask, unet)
     elif mask is None and method.mask_kind is not None:
@@ -258,7 +283,8 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
     elif paths.log.exists():
         paths.log.unlink()
     started = time.perf_counter()
-    unlearner.run(paths, callback)
+    measure = (lambda: probe.measure(loaded.pipeline)) if probe is not None else None
+    unlearner.run(paths, callback, measure, probe.every if probe is not None else 0)
     seconds = time.perf_counter() - started
 
     if accelerator.is_main_process:
@@ -281,7 +307,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None) -> dict:
 def mask(cfg: MaskConfig) -> dict:
     """The `mask` subcommand: SFRon's Fisher-ratio or SalUn's top-k mask, reusable with `forget --mask FILE`."""
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
     torch.manual_seed(cfg.seed)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)

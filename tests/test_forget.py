@@ -154,3 +154,24 @@ def test_mask_command_and_reuse(tiny_model, tmp_path):
     forget(_cfg(tiny_model, tmp_path / "run", mask=str(tmp_path / "m.safetensors"), iterations=1))
     a, b = load_mask(tmp_path / "m.safetensors"), load_mask(tmp_path / "run" / "mask.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_probe_is_logged_and_leaves_training_unchanged(tiny_model, tmp_path):
+    """Curve probes (the study's FA/FID over iterations) sample from the weights in training: the run must end
+    bitwise where an unprobed run ends, with the probe's values in the log records of the probed iterations."""
+    from diffusion_unlearn.sample import generate
+    from diffusion_unlearn.unlearn import Probe
+
+    def measure(pipeline):
+        images, _, _ = generate(pipeline, [3], 2, SamplerConfig(sampler="ddpm", steps=2, guidance_scale=3.0),
+                                progress=False)
+        torch.rand(5)  # a probe that draws from the global RNG must not shift training's noise
+        return {"probe_mean": images.mean().item()}
+
+    forget(_cfg(tiny_model, tmp_path / "plain"))
+    forget(_cfg(tiny_model, tmp_path / "probed"), probe=Probe(every=3, measure=measure))
+    a = load_file(tmp_path / "plain" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "probed" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "probed" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "probe_mean" in r] == [2, 3]  # after the 3rd and the last iteration

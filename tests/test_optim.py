@@ -85,3 +85,19 @@ def test_shared_uses_one_optimizer_and_unknown_name_errors():
     assert o.forget_optimizer is o.retain_optimizer and isinstance(o.retain_optimizer, torch.optim.AdamW)
     with pytest.raises(UserError, match="unknown optimizer"):
         OptimizerSpec("lion").build(m.parameters())
+
+
+def test_gradient_mask_keeps_bool_factors_and_masks_bitwise():
+    model = torch.nn.Linear(5, 3)
+    mask = {"weight": torch.rand(3, 5) > 0.5, "bias": torch.tensor([True, False, True])}
+    gm = GradientMask(model, mask)
+    assert all(f.dtype == torch.bool for f in gm.factors)
+    assert gm.factors[0].data_ptr() == mask["weight"].data_ptr()  # no copy of the mask on its device
+    grads = {"weight": torch.randn(3, 5), "bias": torch.tensor([float("nan"), float("inf"), -2.0])}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    gm.apply()
+    for n, p in model.named_parameters():
+        expected = grads[n] * mask[n].float()
+        assert torch.equal(p.grad.isnan(), expected.isnan())
+        assert torch.equal(p.grad.nan_to_num(), expected.nan_to_num())

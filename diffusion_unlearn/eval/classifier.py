@@ -78,16 +78,31 @@ def penultimate(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
-def load_init_weights(net: nn.Module, path: str) -> None:
-    """Load an ImageNet checkpoint (timm/torchvision state dict) into `net`, all but its classifier head."""
-    state = load_file(path) if path.endswith(".safetensors") else load_pickled_checkpoint(path)
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a timm/torchvision checkpoint: safetensors, or a `.pt`/`.pth` holding a state dict (plain or
+    under "state_dict"/"model"), `module.` prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"classifier weights {path} not found; pass a local timm/torchvision state dict file")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with a fix
+            raise UserError(f"cannot read {path} as safetensors ({type(e).__name__}); pass an intact file") from e
+    else:
+        state = load_pickled_checkpoint(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict (pass a timm/torchvision ImageNet checkpoint)")
+    return strip_prefix(state)
+
+
+def load_init_weights(net: nn.Module, path: str) -> None:
+    """Load an ImageNet checkpoint (timm/torchvision state dict) into `net`, all but its classifier head."""
     head = net.pretrained_cfg["classifier"]
-    state = {k: v for k, v in strip_prefix(state).items() if not k.startswith(head + ".")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(head + ".")}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -137,11 +152,13 @@ class FAClassifier(nn.Module):
         return torch.cat(out)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] → the network's input: its normalisation, then its resize."""
+        """Images in [-1, 1] → the network's input: its normalisation, then its resize (bilinear, antialiased:
+        torchvision's `Resize` on PIL images, as the reference's classifiers read their inputs, §5.1)."""
         x = ((x.float() + 1) / 2 - self.mean) / self.std  # (B, C, H, W)
         size = self.meta["resize"]
         if size is not None:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (B, C, S, S)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)  # (B, C, S, S)
         return x
 
     def _check_shape(self, x: torch.Tensor) -> None:
@@ -151,6 +168,19 @@ class FAClassifier(nn.Module):
                 f"images of shape {tuple(x.shape)} do not fit the classifier at {self.path}, which expects "
                 f"(N, {want[0]}, {want[1]}, {want[2]}); use a classifier trained on the same dataset and resolution"
             )
+
+
+def check_classifier_classes(clf: FAClassifier, class_names: list[str]) -> None:
+    """A one-line UserError unless the classifier knows exactly the model's classes, in the model's order."""
+    theirs, ours = clf.class_names, list(class_names)
+    if theirs == ours:
+        return
+    how = ("train one on the model's dataset, or import an ImageNet classifier with the model's names "
+           "(`import-classifier FILE --class-names index` for DiT folders converted with --class-names index)")
+    if len(theirs) != len(ours):
+        raise UserError(f"classifier {clf.path} has {len(theirs)} classes, the model {len(ours)}; {how}")
+    i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    raise UserError(f"classifier {clf.path} names class {i} {theirs[i]!r}, the model {ours[i]!r}; {how}")
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu") -> FAClassifier:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from diffusion_unlearn.config import EvalConfig, protocol_deviations, resolve_device
-from diffusion_unlearn.data import load_dataset
-from diffusion_unlearn.eval.classifier import load_classifier
+from diffusion_unlearn.config import EvalConfig, SamplerConfig, protocol_deviations, resolve_device
+from diffusion_unlearn.data import ImageDataset
+from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.fid import compute_fid, find_inception_weights
 from diffusion_unlearn.eval.metrics import classification_metrics
-from diffusion_unlearn.fileio import UserError, write_json
-from diffusion_unlearn.modelfolder import check_model_data, load_model_folder
-from diffusion_unlearn.sample import generate
+from diffusion_unlearn.fileio import write_json
+from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.sample import Pipeline, generate
+from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 
 def fid_extractor_kind(cfg: EvalConfig, channels: int) -> str:
@@ -25,40 +27,50 @@ def fid_extractor_kind(cfg: EvalConfig, channels: int) -> str:
     return "classifier" if channels == 1 else "inception"
 
 
+def sample_metrics(pipeline: Pipeline, dataset: ImageDataset, clf: FAClassifier, forget_class: int, fa_samples: int,
+                   retain_per_class: int, sampler: SamplerConfig, *, fid_extractor: str, cache_dir: str,
+                   reference_count: int | None = None, inception_weights: str | None = None, device: str = "cpu",
+                   fid_protocol: str = "standard", progress: bool = True) -> dict:
+    """Sample `fa_samples` images of the forgotten class and `retain_per_class` of each other class from the
+    pipeline's current weights; FA, retained accuracy (classifier) and FID of the retained samples against
+    `dataset`'s retained-class images."""
+    retained = [c for c in range(dataset.num_classes) if c != forget_class]
+    forget_images, forget_labels, _ = generate(pipeline, [forget_class], fa_samples, sampler, progress)
+    retain_images, retain_labels, _ = generate(pipeline, retained, retain_per_class, sampler, progress)
+    images = torch.cat([forget_images, retain_images])  # (N, C, H, W)
+    labels = torch.cat([forget_labels, retain_labels])  # (N,)
+    metrics = classification_metrics(clf.logits(images), labels, forget_class)
+    fid = compute_fid(retain_images, dataset.with_classes(retained),
+                      extractor=clf if fid_extractor == "classifier" else "inception", excluded_class=forget_class,
+                      reference_count=reference_count, cache_dir=cache_dir, inception_weights=inception_weights,
+                      device=device, protocol=fid_protocol)
+    return {"fa": metrics["fa"], "retain_accuracy": metrics["retain_accuracy"], **fid,
+            "forget_mean_prob": metrics["forget_mean_prob"], "forget_mean_entropy": metrics["forget_mean_entropy"],
+            "per_class_accuracy": metrics["per_class_accuracy"], "fa_samples": metrics["n_forget"],
+            "retain_samples": metrics["n_retain"]}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
-    dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
+    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
     clf = load_classifier(cfg.classifier, device)
-    if clf.class_names != loaded.meta.class_names:
-        raise UserError(f"classifier {cfg.classifier} knows classes {clf.class_names}, the model "
-                        f"{loaded.meta.class_names}; train a classifier on the model's dataset")
+    check_classifier_classes(clf, loaded.meta.class_names)
     kind = fid_extractor_kind(cfg, dataset.channels)
     if kind == "inception":
         find_inception_weights(cfg.fid_weights)  # fail now, not after sampling
-    k = loaded.meta.num_classes
-    retained = [c for c in range(k) if c != cfg.forget_class]
-
-    forget_images, forget_labels, _ = generate(loaded.pipeline, [cfg.forget_class], cfg.fa_samples, cfg.sampler)
-    retain_images, retain_labels, _ = generate(loaded.pipeline, retained, cfg.retain_samples_per_class, cfg.sampler)
-    images = torch.cat([forget_images, retain_images])  # (N, C, H, W)
-    labels = torch.cat([forget_labels, retain_labels])  # (N,)
-    metrics = classification_metrics(clf.logits(images), labels, cfg.forget_class)
-
-    reference = dataset.with_classes(retained)
-    fid = compute_fid(retain_images, reference, extractor=clf if kind == "classifier" else "inception",
-                      excluded_class=cfg.forget_class, reference_count=cfg.fid_reference_count,
-                      cache_dir=cfg.cache_dir, inception_weights=cfg.fid_weights, device=device,
-                      protocol=cfg.fid_protocol)
+    scores = sample_metrics(loaded.pipeline, dataset, clf, cfg.forget_class, cfg.fa_samples,
+                            cfg.retain_samples_per_class, cfg.sampler, fid_extractor=kind,
+                            reference_count=cfg.fid_reference_count, cache_dir=cfg.cache_dir,
+                            inception_weights=cfg.fid_weights, device=device, fid_protocol=cfg.fid_protocol)
     result = {
         "model": str(cfg.model), "dataset": cfg.dataset, "forget_class": cfg.forget_class,
         "forget_class_name": loaded.meta.class_names[cfg.forget_class],
-        "fa": metrics["fa"], "retain_accuracy": metrics["retain_accuracy"], **fid,
-        "forget_mean_prob": metrics["forget_mean_prob"], "forget_mean_entropy": metrics["forget_mean_entropy"],
-        "per_class_accuracy": {loaded.meta.class_names[c]: a for c, a in metrics["per_class_accuracy"].items()},
-        "fa_samples": metrics["n_forget"], "retain_samples": metrics["n_retain"],
+        **scores,
+        "per_class_accuracy": {loaded.meta.class_names[c]: a for c, a in scores["per_class_accuracy"].items()},
         "retain_samples_per_class": cfg.retain_samples_per_class,
         "protocol": cfg.protocol, "protocol_deviations": protocol_deviations(cfg), **cfg.sampler.describe(),
         "classifier": str(cfg.classifier), "classifier_test_accuracy": clf.meta.get("test_accuracy"),

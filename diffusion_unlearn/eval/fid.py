@@ -32,9 +32,10 @@ INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception
 CLASSIFIER_EXTRACTOR = "diffusion-unlearn-classifier"
 CHUNK = 500  # images converted to uint8 at a time
 LEGACY_PER_CLASS = 500  # the published CIFAR-10 reference: the first 500 train images of each class (§5.2)
+REFERENCE_SEED = 0  # which --fid-reference-count images: a uniform random subset, fixed by this seed
 FID_PROTOCOLS = {
     "standard": "RGB uint8 images round((x+1)/2*255) of both sets; reference: all training images outside the "
-                "forgotten class (or the first --fid-reference-count)",
+                f"forgotten class, or --fid-reference-count of them drawn uniformly at random (seed {REFERENCE_SEED})",
     "legacy": "the published evaluator (reference §5.2): each image min-max stretched to its own range "
               "(torchvision save_image(normalize=True)), BGR channel order (cv2.imread), both sets; reference: "
               f"the first {LEGACY_PER_CLASS} training images of each retained class",
@@ -80,8 +81,10 @@ class UInt8Images(Dataset):
 
 def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: int | None,
                       per_class: int | None = None) -> torch.Tensor:
-    """The first `count` items (all if None) of `dataset` not labelled `excluded_class`, keeping only the first
-    `per_class` of each class when given."""
+    """Ascending positions of the reference images: the items of `dataset` not labelled `excluded_class` (only the
+    first `per_class` of each class when given), all of them, or `count` drawn uniformly without replacement
+    (seed REFERENCE_SEED): the reference's ImageNet set is the first 10,000 of a shuffled loader over the retained
+    classes (§5.2), where the first `count` of a class-sorted image folder would hold only a few classes."""
     keep = torch.arange(len(dataset))  # (N,)
     if excluded_class is not None:
         keep = keep[dataset.targets != excluded_class]
@@ -93,14 +96,23 @@ def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: 
             f"FID reference count {count} is out of range: {dataset.name}/{dataset.split} has {len(keep)} images "
             f"outside the excluded class; pass a count in 2..{len(keep)}"
         )
-    return keep[:count]
+    if count is None or count == len(keep):
+        return keep
+    pick = torch.randperm(len(keep), generator=torch.Generator().manual_seed(REFERENCE_SEED))[:count]  # (count,)
+    return keep[pick.sort().values]
+
+
+def reference_selection(dataset: ImageDataset, excluded_class: int | None, count: int, protocol: str) -> str:
+    """How the `count` reference images were chosen, in words (recorded beside the FID)."""
+    pool = len(reference_indices(dataset, excluded_class, None, _per_class(protocol)))
+    return "all" if count == pool else f"{count} of {pool} uniformly at random (seed {REFERENCE_SEED})"
 
 
 def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, count: int, extractor_id: str,
                          protocol: str = "standard") -> str:
     """The name torch-fidelity caches the reference statistics under; it changes whenever they would."""
     keep = reference_indices(dataset, excluded_class, count, _per_class(protocol))
-    labels = dataset.targets[keep].numpy().tobytes()
+    items = keep.numpy().tobytes() + dataset.targets[keep].numpy().tobytes()
     parts = [
         dataset.name,
         *([f"root{_short_hash(str(Path(dataset.root).resolve()).encode())}"] if dataset.root is not None else []),
@@ -109,7 +121,7 @@ def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, coun
         dataset.transform_id,
         f"fid-{protocol}",
         f"n{count}",
-        f"labels{_short_hash(labels)}",  # distinguishes subset views of the same dataset
+        f"items{_short_hash(items)}",  # which images and labels: subset views, the random pick
         extractor_id,
     ]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
@@ -232,6 +244,7 @@ def compute_fid(
         "fid_protocol": protocol,
         "fid_protocol_description": FID_PROTOCOLS[protocol],
         "fid_reference_count": len(keep),
+        "fid_reference_selection": reference_selection(reference, excluded_class, len(keep), protocol),
         "fid_generated_count": len(generated),
         "fid_reference_cache": cache_name,
     }

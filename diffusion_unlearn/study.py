@@ -1,0 +1,343 @@
+"""`study`: does DualOptim make unlearning better and more stable across forget sets? (paper §4, Table 1/3,
+Figure 2, Table 14). Runs methods × optimizer setups × forgotten classes × seeds (× forget lrs) from one base
+model, each cell evaluated alike, and writes a table, a CSV of every cell and FA/FID-over-iterations plots.
+
+Layout of `--out`: `cells/<cell>/forget/` (the `forget` run, its log holding the curve points),
+`cells/<cell>/result.json` (written last: a cell with it is finished and never rerun), `shared/` (masks and SA's
+replay/Fisher, which depend on the class and seed but not on the optimizer), `base/` and `retrain/` (the
+reference rows), and the outputs `table.md`, `cells.csv`, `summary.json`, `curves.png`, `lr-sensitivity.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, PretrainConfig, StudyConfig, build_config, load_yaml,
+                                      preset_path, resolve_device)
+from diffusion_unlearn.data import ImageDataset, forget_retain_split
+from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier
+from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
+from diffusion_unlearn.eval.fid import find_inception_weights
+from diffusion_unlearn.eval.study_report import write_study_outputs
+from diffusion_unlearn.fileio import UserError, read_json, write_json
+from diffusion_unlearn.methods import METHODS, build_method
+from diffusion_unlearn.methods.sa import FISHER_FILE, REPLAY_FILE
+from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.pretrain import pretrain
+from diffusion_unlearn.saliency import compute_mask, mask_description, save_mask
+from diffusion_unlearn.sample import Pipeline, parse_classes
+from diffusion_unlearn.sampler_defaults import resolve_sampler
+from diffusion_unlearn.unlearn import OutputPaths, Probe, forget
+
+OPTIM_SETUPS = ("dual", "shared")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    optim: str
+    forget_class: int
+    seed: int
+    forget_lr: float | None = None  # None: the preset's
+
+    @property
+    def name(self) -> str:
+        lr = "" if self.forget_lr is None else f"-lr{self.forget_lr:g}"
+        return f"{self.method}-{self.optim}-c{self.forget_class}-s{self.seed}{lr}"
+
+
+def _split_list(spec: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(x.strip()) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"cannot read --{what} {spec!r}; give a comma-separated list") from None
+    return items
+
+
+def iterations_per_method(spec: str, methods: list[str]) -> dict[str, int]:
+    """`--iterations`: '' (presets), '150' (all methods) or 'sfron=150,sa=300'."""
+    if not spec.strip():
+        return {}
+    if "=" not in spec:
+        return dict.fromkeys(methods, _split_list(spec, "iterations", int)[0])
+    out = {}
+    for part in _split_list(spec, "iterations"):
+        name, _, value = part.partition("=")
+        if name not in methods or not value.isdigit():
+            raise UserError(f"--iterations {spec!r}: {part!r} is not METHOD=N for a method in {', '.join(methods)}")
+        out[name] = int(value)
+    return out
+
+
+def plan_cells(cfg: StudyConfig, num_classes: int) -> list[Cell]:
+    """The grid, class-major so that a killed study leaves whole classes done; checked before any work."""
+    methods = _split_list(cfg.methods, "methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods {cfg.methods!r}: unknown {unknown or 'empty'}; choose from {', '.join(METHODS)}")
+    optims = _split_list(cfg.optims, "optims")
+    if not optims or any(o not in OPTIM_SETUPS for o in optims):
+        raise UserError(f"--optims {cfg.optims!r}: choose from {', '.join(OPTIM_SETUPS)}")
+    seeds = _split_list(cfg.seeds, "seeds", int)
+    lrs = _split_list(cfg.forget_lrs, "forget-lrs", float) or [None]
+    classes = parse_classes(cfg.classes, num_classes)
+    return [Cell(m, o, c, s, lr) for s in seeds for c in classes for m in methods for lr in lrs for o in optims]
+
+
+def method_preset(prefix: str, method: str) -> Path | None:
+    """`<prefix><method>.yaml` among the named presets (configs/) or as a path (a folder of one's own presets)."""
+    for path in (CONFIG_DIR / f"{prefix}{method}.yaml", Path(f"{prefix}{method}.yaml")):
+        if path.is_file():
+            return path
+    return None
+
+
+def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
+    """A cell's `forget` settings: the method's preset (`<prefix><method>.yaml`, if present), then the study's
+    overrides. `dual`: alternate forget/retain steps with two optimizers; `shared`: one optimizer on the preset's
+    schedule (the method as published). A forget-lr sweep sets the forget lr (dual) or the one lr (shared)."""
+    path = method_preset(cfg.preset_prefix, cell.method)
+    preset = load_yaml(path) if path is not None else {}
+    values = {k: v for k, v in preset.items() if not k.startswith("_")}
+    values |= {"method": cell.method, "model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
+               "forget_class": cell.forget_class, "seed": cell.seed, "out": str(out), "optim": cell.optim,
+               "device": cfg.device}
+    if cell.optim == "dual":
+        values["schedule"] = "alternate"
+    if cfg.batch_size is not None:
+        values["batch_size"] = cfg.batch_size
+    iterations = iterations_per_method(cfg.iterations, _split_list(cfg.methods, "methods"))
+    if cell.method in iterations:
+        values["iterations"] = iterations[cell.method]
+    if cell.forget_lr is not None:
+        values["forget_lr" if cell.optim == "dual" else "retain_lr"] = cell.forget_lr
+    forget_cfg = build_config(ForgetConfig, values)
+    forget_cfg.sampler = cfg.sampler
+    forget_cfg.checkpoint_every = max(1, min(forget_cfg.checkpoint_every, cfg.curve_every))
+    return forget_cfg
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluator:
+    """The study's one way to score weights: final (`fa_samples`, `retain_samples_per_class`) or curve counts."""
+
+    cfg: StudyConfig
+    dataset: ImageDataset
+    classifier: FAClassifier
+
+    def __call__(self, pipeline: Pipeline, forget_class: int, curve: bool = False) -> dict:
+        cfg = self.cfg
+        fa_n, retain_n = ((cfg.curve_fa_samples, cfg.curve_retain_per_class) if curve
+                          else (cfg.fa_samples, cfg.retain_samples_per_class))
+        scores = sample_metrics(pipeline, self.dataset, self.classifier, forget_class, fa_n, retain_n, cfg.sampler,
+                                fid_extractor=fid_extractor_kind(cfg, self.dataset.channels),
+                                cache_dir=cfg.cache_dir, inception_weights=cfg.fid_weights,
+                                device=resolve_device(cfg.device), progress=False)
+        return {k: scores[k] for k in ("fa", "retain_accuracy", "fid", "forget_mean_prob", "fid_reference_count",
+                                       "fid_feature_extractor")}
+
+
+def _evaluator(cfg: StudyConfig) -> Evaluator:
+    dataset = load_model_dataset(load_model_folder(cfg.model, "cpu"), cfg.dataset, cfg.data_root)
+    return Evaluator(cfg, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
+
+
+def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: Path) -> dict:
+    """Final and curve-count scores of a fixed model (the base model, a retrain baseline), cached in `out`."""
+    if not out.exists():
+        pipeline = load_model_folder(model, resolve_device(evaluator.cfg.device)).pipeline
+        write_json(out, {"model": str(model), "forget_class": forget_class,
+                         **evaluator(pipeline, forget_class),
+                         "curve": evaluator(pipeline, forget_class, curve=True)})
+    return read_json(out)
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> dict:
+    """What a cell shares with the other cells of its class and seed: its saliency mask file (SFRon, SalUn) or
+    SA's replay and Fisher (all classes, the base model's); made once, before the cells run."""
+    fc = forget_config(cfg, cell, root / "unused")
+    method = build_method(fc)
+    if cell.method == "sa":
+        folder = root / "shared" / f"sa-s{cell.seed}"
+        return {"copy": [folder / REPLAY_FILE, folder / FISHER_FILE], "folder": folder}
+    if method.mask_kind is not None:
+        mc = fc.mask_config(method.mask_kind)
+        return {"mask": root / "shared" / f"mask-{method.mask_kind}-c{cell.forget_class}-s{cell.seed}.safetensors",
+                "mask_config": mc}
+    return {}
+
+
+def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path) -> None:
+    todo = {}
+    for cell in cells:
+        if not (root / "cells" / cell.name / "result.json").exists():
+            art = shared_artifacts(cfg, cell, root)
+            key = art.get("mask") or art.get("folder")
+            if key is not None and not (Path(key).exists() if "mask" in art else
+                                        all(p.exists() for p in art["copy"])):
+                todo[key] = (cell, art)
+    if not todo:
+        return
+    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
+    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
+    for cell, art in tqdm(todo.values(), desc="study: masks and SA replay"):
+        torch.manual_seed(cell.seed)
+        forget_set, retain_set = forget_retain_split(dataset, cell.forget_class)
+        if "mask" in art:
+            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art["mask_config"])
+            save_mask(art["mask"], mask, {**mask_description(art["mask_config"]), "model": str(cfg.model)})
+        else:
+            art["folder"].mkdir(parents=True, exist_ok=True)
+            build_method(forget_config(cfg, cell, art["folder"])).prepare(
+                loaded.backbone(), forget_set, retain_set, art["folder"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def run_cell(cfg: StudyConfig, cell: Cell, threads: int | None = None) -> dict:
+    """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    root = Path(cfg.out)
+    folder = root / "cells" / cell.name
+    if (folder / "result.json").exists():
+        return read_json(folder / "result.json")
+    paths = OutputPaths(folder / "forget")
+    fc = forget_config(cfg, cell, paths.root)
+    art = shared_artifacts(cfg, cell, root)
+    if "mask" in art:
+        fc.mask = str(art["mask"])
+    for src in art.get("copy", []):
+        _link_or_copy(src, paths.root / src.name)
+    evaluator = _evaluator(cfg)
+    started = time.perf_counter()
+    if not paths.model.exists() or paths.state.exists():
+        probe = Probe(cfg.curve_every, lambda pipeline: evaluator(pipeline, cell.forget_class, curve=True))
+        forget(fc, probe=probe)
+    seconds_forget = time.perf_counter() - started
+    pipeline = load_model_folder(paths.model, resolve_device(cfg.device)).pipeline
+    scores = evaluator(pipeline, cell.forget_class)
+    curve = [{"iteration": r["iteration"] + 1, **{k: r[k] for k in ("fa", "retain_accuracy", "fid")}}
+             for r in map(json.loads, paths.log.read_text().splitlines()) if "fa" in r]
+    result = {**dataclasses.asdict(cell), "cell": cell.name, "schedule": fc.schedule, "iterations": fc.iterations,
+              "batch_size": fc.batch_size, "forget_lr_used": fc.forget_lr, "retain_lr_used": fc.retain_lr,
+              **scores, "curve": curve, "seconds_forget": seconds_forget,
+              "seconds_total": time.perf_counter() - started}
+    write_json(folder / "result.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def retrain_models(cfg: StudyConfig, classes: list[int], root: Path) -> dict[int, Path]:
+    """Retrain baselines by forgotten class: from `--retrain-dir` (model folders whose metadata excludes exactly
+    that class) and, with `--train-retrain`, trained for the classes still missing."""
+    found: dict[int, Path] = {}
+    if cfg.retrain_dir is not None:
+        folder = Path(cfg.retrain_dir)
+        if not folder.is_dir():
+            raise UserError(f"--retrain-dir {folder} is not a folder; pass a folder of retrain model folders")
+        for sub in sorted(p for p in folder.iterdir() if (p / "diffusion_unlearn.json").is_file()):
+            excluded = read_json(sub / "diffusion_unlearn.json").get("excluded_classes", [])
+            if len(excluded) == 1:
+                found.setdefault(excluded[0], sub)
+    missing = [c for c in classes if c not in found]
+    if missing and cfg.train_retrain:
+        for c in missing:
+            out = root / "retrain" / f"class-{c}"
+            values = {k: v for k, v in load_yaml(preset_path(cfg.retrain_preset)).items() if not k.startswith("_")}
+            pretrain(build_config(PretrainConfig, {**values, "dataset": cfg.dataset, "data_root": cfg.data_root,
+                                                   "exclude_class": c, "out": str(out), "device": cfg.device}))
+            found[c] = out
+    elif missing and cfg.retrain_dir is not None:
+        raise UserError(f"--retrain-dir {cfg.retrain_dir} has no retrain model for classes {missing} (model folders "
+                        "whose diffusion_unlearn.json excludes exactly that class); add them or pass --train-retrain")
+    return found
+
+
+# ----------------------------------------------------------------------------- the subcommand
+
+
+def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell]]:
+    """The study's cells, and its config with the sampler resolved for the model; fails before any work."""
+    if not cfg.model:
+        raise UserError("--model is required: the base model folder to unlearn from (e.g. the demo's "
+                        ".cache/diffusion-unlearn/digits-base-seed0)")
+    if not cfg.classifier:
+        raise UserError("--classifier is required: an FA classifier folder (`train-classifier`, or the demo's "
+                        ".cache/diffusion-unlearn/digits-classifier)")
+    if cfg.curve_every < 1 or cfg.jobs < 1:
+        raise UserError("--curve-every and --jobs must be at least 1")
+    loaded = load_model_folder(cfg.model, "cpu")
+    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
+    check_model_data(loaded, dataset, 0)
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
+    clf = load_classifier(cfg.classifier)
+    if clf.class_names != loaded.meta.class_names:
+        raise UserError(f"classifier {cfg.classifier} knows classes {clf.class_names}, the model "
+                        f"{loaded.meta.class_names}; train a classifier on the model's dataset")
+    if fid_extractor_kind(cfg, dataset.channels) == "inception":
+        find_inception_weights(cfg.fid_weights)
+    cells = plan_cells(cfg, dataset.num_classes)
+    for cell in {replace(c, forget_class=0, seed=0) for c in cells}:
+        forget_config(cfg, cell, Path(cfg.out) / "check")  # unknown preset keys etc. fail now
+    return cfg, cells
+
+
+def study(cfg: StudyConfig) -> dict:
+    started = time.perf_counter()
+    cfg, cells = check_inputs(cfg)
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    classes = sorted({c.forget_class for c in cells})
+    retrain = retrain_models(cfg, classes, root)
+    evaluator = _evaluator(cfg)
+    base = {c: reference_scores(evaluator, Path(cfg.model), c, root / "base" / f"class-{c}.json")
+            for c in tqdm(classes, desc="study: base model")}
+    retrain_scores = {c: reference_scores(evaluator, path, c, root / "retrain-scores" / f"class-{c}.json")
+                      for c, path in retrain.items()}
+    prepare_shared(cfg, cells, root)
+
+    results = []
+    bar = tqdm(total=len(cells), desc="study: cells")
+    if cfg.jobs == 1:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            results.append(run_cell(cfg, cell))
+            bar.update(1)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_cell, cfg, cell, threads) for cell in cells]
+            for future in futures:
+                results.append(future.result())
+                bar.update(1)
+    bar.close()
+    outputs = write_study_outputs(cfg, results, base, retrain_scores, root)
+    return {**outputs, "cells": len(results), "seconds": time.perf_counter() - started}
