@@ -14,18 +14,24 @@ batches per set; `--mask none`: no mask). Memory and time do not depend on the d
 multiply are dense).
 
 Every setup runs in a FRESH subprocess, one at a time: a warm-up iteration, then `--iterations` timed ones. Per
-setup: parameters, seconds per iteration (split into forget step, retain step and EMA update), peak RSS
-(ru_maxrss, decimal GB) and the RSS after each stage, the load average before and after; then the dual/shared
-ratios. `--compare-stock` repeats it with diffusers' stock `DiTTransformer2DModel` at the XL/2 configuration our
-export writes (per-block embedder copies: 749,826,464 parameters), through the same loop. `--no-ema` drops the
-EMA copy (one fp32 copy of the weights) to match a bare training step. A setup whose estimated peak exceeds the
-memory available now is skipped (`--force` runs it anyway). AdamW is per-tensor on CPU (torch's default there;
-the JSON records it). On CUDA it also reports the peak GPU memory and the paper-faithful sampler's images/s
-(`ClassConditionalDiTPipeline`, `ddpm`, 250 steps, s = 1.5, cond + null batched, random SD-VAE decode).
+setup: parameters, seconds per iteration (split into forget step, retain step and EMA update), peak RSS (ru_maxrss,
+decimal GB) and the RSS after each stage, the load average before and after; then the dual/shared ratios.
+`--compare-stock` repeats it with diffusers' stock `DiTTransformer2DModel` at the XL/2 configuration our export
+writes (per-block embedder copies: 749,826,464 parameters), through the same loop (`--models stock`: stock alone).
+`--no-ema` drops the EMA copy (one fp32 copy of the weights) to match a bare training step. A setup whose estimated
+peak exceeds the memory available now is skipped (`--force` runs it anyway). AdamW is per-tensor on CPU (torch's
+default there; the JSON records it). On CUDA it also reports the peak GPU memory and the paper-faithful sampler's
+images/s (`ClassConditionalDiTPipeline`, `ddpm`, 250 steps, s = 1.5, cond + null batched, random SD-VAE decode).
 
     python benchmarks/bench_dit_xl2.py --out runs/bench-dit-xl2.json                 # ours, dual and shared, CPU
     python benchmarks/bench_dit_xl2.py --threads 2 --compare-stock --no-ema --out runs/bench-dit-xl2-noema.json
     python benchmarks/bench_dit_xl2.py --device cuda --iterations 5 --out runs/bench-dit-xl2-cuda.json
+
+Measured on the 2-core, 24 GiB CPU machine (2 threads, shared with other jobs: load average 4–5), peak RSS in
+decimal GB. With `--no-ema --mask none`: ours shared 13.0–13.2, dual 18.3–18.8; stock shared 14.3–14.5, dual
+20.4–20.5 (ours/stock 0.89–0.93, dual/shared 1.42–1.43 for both). The full loop (EMA, random mask): ours shared
+16.6 (19.7 before GradientMask kept its factors bool); dual ~22 GB did not fit beside the other jobs. Seconds
+per iteration varied 38–95 s with the load (ours 54–90, stock 80–95): compare only runs taken together.
 """
 
 from __future__ import annotations
@@ -94,11 +100,11 @@ def stock_params(name: str) -> int:
 
 
 def estimate_peak_gb(name: str, model: str, optim: str, ema: bool, mask: bool) -> float:
-    """fp32 weights, gradients, Adam's two moments per optimizer, the EMA copy, a bool mask, and ~3.4 GB of the rest
-    (measured on XL/2: 0.9 GB of imports, ~2.5 GB of activations and allocator slack at batch 1)."""
+    """fp32 weights, gradients, Adam's two moments per optimizer, the EMA copy, a bool mask, and ~2.6 GB of the rest
+    (measured on XL/2: 0.9 GB of imports, 1.3–1.6 GB of activations and allocator slack at batch 1)."""
     n = dit_num_params(**DIT_SIZES[name]) if model == "ours" else stock_params(name)
     copies = 1 + 1 + 2 * (2 if optim == "dual" else 1) + int(ema)
-    return (4 * copies + int(mask)) * n / GB + 3.4
+    return (4 * copies + int(mask)) * n / GB + 2.6
 
 
 class StockDiT(torch.nn.Module):
@@ -168,7 +174,10 @@ def make_mask(args, backbone, forget_set, retain_set, cfg):
 
 
 class NoEMA:
-    """Stands in for the loop's EMA under `--no-ema`."""
+    """Stands in for the loop's EMA under `--no-ema` (built in its place, so no copy is ever allocated)."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        pass
 
     def update(self) -> None:
         pass
@@ -191,9 +200,13 @@ def measure(args) -> dict:
     """One setup, in this (fresh) process."""
     from accelerate import Accelerator
 
+    import diffusion_unlearn.unlearn
     from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
     from diffusion_unlearn.saliency import GradientMask, mask_density
     from diffusion_unlearn.unlearn import Unlearner
+
+    if args.no_ema:
+        diffusion_unlearn.unlearn.EMA = NoEMA  # in this worker process only
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,8 +227,6 @@ def measure(args) -> dict:
     accelerator = Accelerator(cpu=device == "cpu")
     learner = Unlearner(cfg, backbone, forget_set, retain_set,
                         GradientMask(model, mask) if mask is not None else None, accelerator)
-    if args.no_ema:
-        learner.ema = NoEMA()
     stages["loop_ready"] = rss_gb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -355,6 +366,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--compare-stock", action="store_true",
                    help="also run diffusers' stock DiTTransformer2DModel XL/2 through the same loop")
+    p.add_argument("--models", default="ours", help="comma-separated: ours, stock (--compare-stock adds stock)")
     p.add_argument("--no-ema", action="store_true", help="leave out the loop's EMA copy of the weights")
     p.add_argument("--mask", default="random", choices=["random", "fisher", "none"])
     p.add_argument("--mask-density", type=float, default=0.3, help="share of weights the random mask lets move")
@@ -378,8 +390,12 @@ def main() -> None:
     optims = [o.strip() for o in args.optim.split(",") if o.strip()]
     if any(o not in ("dual", "shared") for o in optims):
         sys.exit(f"--optim: choose from dual, shared (got {args.optim})")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models += ["stock"] if args.compare_stock and "stock" not in models else []
+    if not models or any(m not in ("ours", "stock") for m in models):
+        sys.exit(f"--models: choose from ours, stock (got {args.models})")
     runs = []
-    for kind in ["ours"] + (["stock"] if args.compare_stock else []):
+    for kind in models:
         for optim in optims:
             need, free = estimate_peak_gb(args.size, kind, optim, not args.no_ema, args.mask != "none"), available_gb()
             if args.device == "cpu" and need + MARGIN_GB > free and not args.force:

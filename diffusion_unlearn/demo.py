@@ -63,9 +63,10 @@ def demo(cfg: DemoConfig) -> dict:
                   cache_dir=str(cache / "fid"), sampler=DEMO_SAMPLER, fa_samples=DEMO_FA_SAMPLES,
                   retain_samples_per_class=DEMO_RETAIN_PER_CLASS)
     metrics_base = evaluate(EvalConfig(model=str(base), out=str(out / "metrics-base.json"), **common))
+    run = out / f"forget-{cfg.backbone}-class{cfg.forget_class}-{cfg.optim}-seed{cfg.seed}"  # reused when finished
     forget_cfg = build_config(ForgetConfig, {**preset_values(recipe.forget_preset), "model": str(base),
                                              "forget_class": cfg.forget_class, "optim": cfg.optim,
-                                             "out": str(out / "forget"), "seed": cfg.seed, "cache_dir": str(cache)})
+                                             "out": str(run), "seed": cfg.seed, "cache_dir": str(cache)})
     forget_cfg.sampler = DEMO_SAMPLER
     paths = OutputPaths(Path(forget_cfg.out))
     if not paths.model.exists() or paths.state.exists():

@@ -114,16 +114,16 @@ def cached_moments(vae: AutoencoderKL, dataset: ImageDataset, *, hflip: bool, ca
 def bounded_subset(dataset: ImageDataset, limit: int, seed: int = 0) -> ImageDataset:
     """At most `limit` items of `dataset`: the first `limit` of a fixed shuffle (`seed`), in dataset order; all of
     them when it is smaller."""
-    if limit < 1:
-        raise UserError(f"the latent cache's retain subset must hold at least 1 image, got {limit}")
     if len(dataset) <= limit:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,)
     return dataset.subset(order[:limit].sort().values)
 
 
-def check_latent_cache(method: str, backbone: str) -> None:
+def check_latent_cache(method: str, backbone: str, retain_limit: int) -> None:
     """A one-line error, before any work, where cached latents cannot stand in for the images."""
+    if retain_limit < 1:
+        raise UserError(f"--latent-cache-retain must be at least 1, got {retain_limit}")
     if backbone != "dit":
         raise UserError("--latent-cache needs a latent (DiT) model; this one denoises pixels: drop the flag")
     if method == "sa":

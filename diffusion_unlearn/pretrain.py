@@ -32,7 +32,8 @@ TRAINING_FILE = "training.json"
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Train with AdamW (or `optimizer`), EMA, gradient clipping and CFG label dropout on the linear-β DDPM.
+    """Train with AdamW (or `optimizer`), EMA, gradient clipping and CFG label dropout on the linear-β DDPM's
+    loss: the U-Net's L_simple, or a latent DiT's mse + vb (`LatentDiTBackbone`).
 
     The output folder is a model folder rewritten atomically at every checkpoint; while unfinished it also
     holds `training_state.pt`, from which a rerun resumes. A finished folder is reused, not retrained.

@@ -239,7 +239,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
     if cfg.latent_cache:
-        check_latent_cache(cfg.method, loaded.meta.backbone)
+        check_latent_cache(cfg.method, loaded.meta.backbone, cfg.latent_cache_retain)
     grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
     if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
         raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")

@@ -119,8 +119,6 @@ def test_bounded_retain_subset(digits):
     subset = bounded_subset(digits, 100)
     assert len(subset) == 100 and torch.equal(subset.targets, bounded_subset(digits, 100).targets)
     assert 5 <= len(set(subset.targets.tolist())) and bounded_subset(digits, 5000) is digits
-    with pytest.raises(UserError):
-        bounded_subset(digits, 0)
 
 
 # ----------------------------------------------------------------------------- DiT pretraining
@@ -171,6 +169,15 @@ def test_dit_pretrain_resumes_bitwise_after_a_kill(dit_base, tmp_path, monkeypat
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_retrain_baseline_shares_the_base_models_vae(dit_base, tmp_path):
+    out = tmp_path / "retrain"
+    assert main(["pretrain", *TINY_PRETRAIN, "--iterations", "2", "--exclude-class", "4", "--vae", str(dit_base[0]),
+                 "--out", str(out), "--cache-dir", str(dit_base[1])]) == 0
+    a = load_file(dit_base[0] / "vae" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and load_model_folder(out).meta.excluded_classes == [4]
+
+
 def test_unknown_dit_preset_fails_before_the_vae_trains(tmp_path, capsys):
     assert main(["pretrain", "--backbone", "dit", "--model-preset", "huge", "--out", str(tmp_path / "m")]) == 2
     assert "unknown DiT preset 'huge'" in capsys.readouterr().err and not (tmp_path / "m").exists()
@@ -199,4 +206,7 @@ def test_latent_cache_refusals(dit_base, tiny_model, tmp_path, capsys):
     assert "needs a latent (DiT) model" in capsys.readouterr().err
     assert main(["forget", "--model", str(dit_base[0]), "--method", "sa", "--out", str(tmp_path / "b"), *common]) == 2
     assert "does not apply to sa" in capsys.readouterr().err
+    assert main(["forget", "--model", str(dit_base[0]), "--latent-cache-retain", "0", "--out", str(tmp_path / "d"),
+                 *common]) == 2
+    assert "--latent-cache-retain must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

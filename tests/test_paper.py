@@ -26,6 +26,7 @@ from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_mod
 from diffusion_unlearn.models.unet_lineage import UNET_PRESETS, ClassConditionalUNet
 from diffusion_unlearn.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusion_unlearn.saliency import load_mask, mask_metadata, ratio_mask
+from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 from builders import write_cifar
 
@@ -232,6 +233,7 @@ def test_forget_with_the_paper_preset_runs_end_to_end(cifar, tiny_cifar_model, t
     assert main(["forget", "--preset", "ddpm-cifar10-sfron-dual", *overrides]) == 0
     written = yaml.safe_load((out / "config.yaml").read_text())
     resolved = resolve("forget", "--preset", "ddpm-cifar10-sfron-dual", *overrides)
+    resolved.sampler = resolve_sampler(resolved.sampler, "ddpm", "grid")  # written once the model is read
     assert written == json.loads(json.dumps(config_to_dict(resolved)))  # tuples as YAML lists
     assert {k: written[k] for k in B2_SFRON_DUAL if k not in ("iterations", "betas")} == \
         {k: v for k, v in B2_SFRON_DUAL.items() if k not in ("iterations", "betas")}
@@ -255,7 +257,8 @@ def test_paper_protocol_sets_the_lineage_sampler_and_counts_under_explicit_flags
     explicit = resolve("eval", "--protocol", "paper", "--steps", "4", "--guidance-w", "2")
     assert explicit.sampler.steps == 4 and explicit.sampler.guidance_scale == 3.0  # explicit flags win
     assert protocol_deviations(explicit) == {"steps": 4}
-    assert resolve("eval").sampler.steps == 50 and resolve("eval").fa_samples == 500  # the default stays fast
+    default = resolve("eval")  # the default stays fast: 50 DDIM steps once the DDPM model is read
+    assert resolve_sampler(default.sampler, "ddpm", "eval").steps == 50 and default.fa_samples == 500
 
 
 def test_legacy_image_transform_is_the_published_evaluators():

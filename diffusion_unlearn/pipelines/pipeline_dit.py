@@ -181,9 +181,11 @@ class SpacedDiffusion:
 # ----------------------------------------------------------------------------- guidance
 
 
-def dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The model output (ε and, with learned sigma, v), float32; bf16 autocast on GPU."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+def dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+               bf16: bool = False) -> torch.Tensor:
+    """The model output (ε and, with learned sigma, v), float32; `bf16`: under bf16 autocast (sampling on GPU;
+    training follows `--mixed-precision` through accelerate instead)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, t, labels)
     return (out.sample if hasattr(out, "sample") else out).float()
 
@@ -192,11 +194,12 @@ def guided_dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, 
                       null_class: int, guided_channels: int = GUIDED_CHANNELS) -> torch.Tensor:
     """The original's `forward_with_cfg` on one batch: ε_u + s(ε_c − ε_u) on the first `guided_channels`
     channels, every other channel (the rest of ε, the variance) from the conditional half; cond and null
-    halves in one batched forward."""
+    halves in one batched forward; bf16 autocast on GPU."""
+    bf16 = x.device.type == "cuda"
     if scale == 1.0:
-        return dit_output(model, x, t, labels)
+        return dit_output(model, x, t, labels, bf16)
     out = dit_output(model, torch.cat([x, x]), torch.cat([t, t]),
-                     torch.cat([labels, torch.full_like(labels, null_class)]))  # (2B, C_out, H, W)
+                     torch.cat([labels, torch.full_like(labels, null_class)]), bf16)  # (2B, C_out, H, W)
     cond, null = out.chunk(2)  # (B, C_out, H, W) each
     k = guided_channels
     guided = null[:, :k] + scale * (cond[:, :k] - null[:, :k])  # (B, k, H, W)
