@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from diffusion_unlearn.convert import CIFAR10_CLASSES
 
@@ -21,3 +23,27 @@ def write_cifar(folder, per_batch: int = 4, max_value: int = 256) -> None:
                          b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}, f, protocol=2)
+
+
+def killed_pretrain_resumes(monkeypatch, args: list[str], kill_after: int) -> None:
+    """Run `pretrain` with `args` killed (KeyboardInterrupt) after its `kill_after`-th EMA update, check that it
+    left a resumable state, then rerun it to the end."""
+    from diffusion_unlearn.cli import main
+    from diffusion_unlearn.ema import EMA
+
+    calls = {"n": 0}
+    original = EMA.update
+
+    def killing_update(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == kill_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(EMA, "update", killing_update)
+    out = Path(args[args.index("--out") + 1])
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert (out / "training_state.pt").exists()
+    monkeypatch.setattr(EMA, "update", original)
+    assert main(args) == 0

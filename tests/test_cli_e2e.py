@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from builders import killed_pretrain_resumes
 from diffusion_unlearn.cli import main
-from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.modelfolder import load_model_folder
 
 TINY = ["--model-preset", "tiny", "--iterations", "12", "--checkpoint-every", "4", "--batch-size", "16"]
@@ -33,22 +33,8 @@ def test_pretrain_writes_a_described_model_folder(base):
 
 
 def test_pretrain_resumes_bitwise_after_a_kill(base, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = EMA.update
-
-    def killing_update(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == 6:  # after iteration 6; the last checkpoint is at 4
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EMA, "update", killing_update)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        main(["pretrain", "--out", str(out), *TINY])
-    assert (out / "training_state.pt").exists()
-    monkeypatch.setattr(EMA, "update", original)
-    assert main(["pretrain", "--out", str(out), *TINY]) == 0
+    killed_pretrain_resumes(monkeypatch, ["pretrain", "--out", str(out), *TINY], kill_after=6)  # checkpoint at 4
     a, b = _weights(base), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from builders import killed_pretrain_resumes
 from diffusion_unlearn import latents
 from diffusion_unlearn.cli import main
 from diffusion_unlearn.data import BatchStream, load_dataset
-from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.latents import LatentMoments, bounded_subset, cache_path, cache_record, cached_moments
 from diffusion_unlearn.modelfolder import load_model_folder
@@ -146,23 +146,9 @@ def test_finished_dit_pretrain_is_reused(dit_base):
 
 
 def test_dit_pretrain_resumes_bitwise_after_a_kill(dit_base, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = EMA.update
-
-    def killing_update(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == 3:  # after iteration 3; the last checkpoint is at 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EMA, "update", killing_update)
     out = tmp_path / "resumed"
     args = ["pretrain", *TINY_PRETRAIN, "--out", str(out), "--cache-dir", str(dit_base[1])]
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
-    assert (out / "training_state.pt").exists() and (out / "vae").is_dir()
-    monkeypatch.setattr(EMA, "update", original)
-    assert main(args) == 0
+    killed_pretrain_resumes(monkeypatch, args, kill_after=3)  # the last checkpoint is at 2; the VAE is kept
     for part in ("transformer", "vae"):
         a = load_file(dit_base[0] / part / "diffusion_pytorch_model.safetensors")
         b = load_file(out / part / "diffusion_pytorch_model.safetensors")

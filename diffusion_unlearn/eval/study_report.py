@@ -142,8 +142,9 @@ def curves_plot(results: list[dict], base: dict[int, dict], retrain: dict[int, d
         for (optim, lr), cells in groups.items():
             its, mean, std = _curve_points(cells, base, key)
             line, = ax.plot(its, [scale * m for m in mean], lw=1.5, label=optim if lr is None else f"{optim} lr={lr:g}")
-            ax.fill_between(its, [scale * (m - s) for m, s in zip(mean, std)],
-                            [scale * (m + s) for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+            low, high = (0.0, 100.0) if scale == 100 else (-math.inf, math.inf)  # a share's band stays in 0..100 %
+            ax.fill_between(its, [max(low, scale * (m - s)) for m, s in zip(mean, std)],
+                            [min(high, scale * (m + s)) for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
         if retrain:
             ax.axhline(scale * mean_std([s[key] for s in retrain.values()])[0], color="red", ls="--", lw=1,
                        label="retrain")
