@@ -210,3 +210,32 @@ def test_inception_without_weights_fails_fast(digits, tmp_path, monkeypatch):
         compute_fid(generated, train, extractor="inception", excluded_class=None, cache_dir=tmp_path,
                     inception_weights=str(tmp_path / "missing.pth"))
     assert time.monotonic() - start < 5
+
+
+def test_fid_of_uint8_samples_equals_fid_of_their_float_originals(digits_clf_dir, digits, tmp_path):
+    train, test = digits
+    clf = load_classifier(digits_clf_dir)
+    generated = test.get_batch(torch.arange(100))[0]  # (100, 1, 8, 8) in [-1, 1]
+    kw = dict(extractor=clf, excluded_class=0, reference_count=300, cache_dir=tmp_path)
+    assert compute_fid(to_uint8(generated), train, **kw)["fid"] == compute_fid(generated, train, **kw)["fid"]
+    with pytest.raises(UserError, match="legacy"):
+        compute_fid(to_uint8(generated), train, protocol="legacy", **kw)
+
+
+def test_eval_sampling_in_chunks_changes_no_score(tiny_model, digits_clf_dir, digits, tmp_path, monkeypatch):
+    """`eval` samples the retained classes a few at a time (uint8 in memory): per-index seeds make the scores
+    those of one big batch."""
+    from diffusion_unlearn.config import SamplerConfig
+    from diffusion_unlearn.eval import evaluate as evaluate_module
+    from diffusion_unlearn.modelfolder import load_model_folder
+
+    pipeline, clf = load_model_folder(tiny_model).pipeline, load_classifier(digits_clf_dir)
+    run = lambda: evaluate_module.sample_metrics(  # noqa: E731
+        pipeline, digits[0], clf, 3, 4, 3, SamplerConfig(sampler="ddim", steps=2, guidance_scale=3.0),
+        fid_extractor="classifier", cache_dir=str(tmp_path), progress=False)
+    whole = run()
+    monkeypatch.setattr(evaluate_module, "SAMPLES_PER_CHUNK", 6)  # two classes at a time
+    chunked = run()
+    assert chunked["retain_samples"] == whole["retain_samples"] == 27
+    for key in ("fa", "retain_accuracy", "fid", "forget_mean_prob"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key

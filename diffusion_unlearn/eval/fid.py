@@ -196,7 +196,8 @@ def compute_fid(
     device: str = "cpu",
     protocol: str = "standard",
 ) -> dict:
-    """FID between `generated` (N, C, H, W) in [-1, 1] and the first `reference_count` reference images.
+    """FID between `generated` (N, C, H, W) in [-1, 1] (or already uint8, as `to_uint8` makes them) and the first
+    `reference_count` reference images.
 
     The reference images skip `excluded_class`; their statistics are cached in `cache_dir`. `protocol` is one of
     FID_PROTOCOLS: `legacy` reproduces the published evaluator's image handling and reference set.
@@ -223,8 +224,11 @@ def compute_fid(
     rgb = name == INCEPTION
     cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id, protocol)
     convert = legacy_uint8 if protocol == "legacy" else to_uint8
+    if generated.dtype == torch.uint8 and protocol == "legacy":
+        raise UserError("the legacy FID protocol stretches each float image; pass generated images in [-1, 1]")
+    generated_convert = (lambda x: x) if generated.dtype == torch.uint8 else convert
     metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(lambda idx: generated[idx], len(generated), rgb, convert),
+        input1=UInt8Images(lambda idx: generated[idx], len(generated), rgb, generated_convert),
         input2=UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), rgb, convert),
         input2_cache_name=cache_name,
         fid=True,
