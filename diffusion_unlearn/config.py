@@ -483,9 +483,9 @@ def _flat_values(inst: Any) -> dict[str, Any]:
 def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if getattr(ns, "preset", None):
-        values.update(_flatten_yaml(cls, load_yaml(preset_path(ns.preset))))
+        values.update(yaml_values(cls, preset_path(ns.preset)))
     if getattr(ns, "config", None):
-        values.update(_flatten_yaml(cls, load_yaml(ns.config)))
+        values.update(yaml_values(cls, ns.config))
     flat = _flat_fields(cls)
     for name in flat:
         if hasattr(ns, name):
@@ -493,6 +493,12 @@ def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
     if hasattr(ns, "guidance_w"):
         values["guidance_scale"] = 1.0 + ns.guidance_w
     return build_config(cls, values)
+
+
+def yaml_values(cls: type, path: str | Path) -> dict:
+    """The options a YAML file (a preset or `--config`) sets for `cls`: nested sections flattened, documentation
+    keys (`_source`, ...) left out."""
+    return _flatten_yaml(cls, load_yaml(path))
 
 
 def _flatten_yaml(cls: type, data: dict) -> dict:

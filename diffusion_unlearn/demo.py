@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusion_unlearn.config import (DemoConfig, EvalConfig, ForgetConfig, PretrainConfig, SamplerConfig,
-                                      build_config, load_yaml, preset_path)
+                                      build_config, preset_path, yaml_values)
 from diffusion_unlearn.eval.classifier import ClassifierConfig, load_classifier, train_classifier
 from diffusion_unlearn.eval.evaluate import evaluate
 from diffusion_unlearn.eval.report import loss_plot, write_report
@@ -39,11 +39,6 @@ RECIPES = {
 }
 
 
-def preset_values(name: str) -> dict:
-    """A preset's options (documentation keys such as `_source` left out)."""
-    return {k: v for k, v in load_yaml(preset_path(name)).items() if not k.startswith("_")}
-
-
 def demo(cfg: DemoConfig) -> dict:
     started = time.perf_counter()
     if not 0 <= cfg.forget_class < 10:
@@ -51,8 +46,8 @@ def demo(cfg: DemoConfig) -> dict:
     recipe = RECIPES[cfg.backbone]
     cache, out = Path(cfg.cache_dir), Path(cfg.out)
     base = cache / f"{recipe.base_name}-seed{cfg.seed}"
-    pretrain(build_config(PretrainConfig, {**preset_values(recipe.pretrain_preset), "out": str(base),
-                                           "seed": cfg.seed, "cache_dir": str(cache)}))
+    pretrain(build_config(PretrainConfig, {**yaml_values(PretrainConfig, preset_path(recipe.pretrain_preset)),
+                                           "out": str(base), "seed": cfg.seed, "cache_dir": str(cache)}))
     classifier = cache / "digits-classifier"
     try:
         load_classifier(classifier)
@@ -64,8 +59,8 @@ def demo(cfg: DemoConfig) -> dict:
                   retain_samples_per_class=DEMO_RETAIN_PER_CLASS)
     metrics_base = evaluate(EvalConfig(model=str(base), out=str(out / "metrics-base.json"), **common))
     run = out / f"forget-{cfg.backbone}-class{cfg.forget_class}-{cfg.optim}-seed{cfg.seed}"  # reused when finished
-    forget_cfg = build_config(ForgetConfig, {**preset_values(recipe.forget_preset), "model": str(base),
-                                             "forget_class": cfg.forget_class, "optim": cfg.optim,
+    forget_cfg = build_config(ForgetConfig, {**yaml_values(ForgetConfig, preset_path(recipe.forget_preset)),
+                                             "model": str(base), "forget_class": cfg.forget_class, "optim": cfg.optim,
                                              "out": str(run), "seed": cfg.seed, "cache_dir": str(cache)})
     forget_cfg.sampler = DEMO_SAMPLER
     paths = OutputPaths(Path(forget_cfg.out))

@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, PretrainConfig, StudyConfig, build_config, load_yaml,
-                                      preset_path, resolve_device)
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskConfig, PretrainConfig, StudyConfig, build_config,
+                                      preset_path, resolve_device, yaml_values)
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
-from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier
+from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
 from diffusion_unlearn.eval.fid import find_inception_weights
 from diffusion_unlearn.eval.study_report import write_study_outputs
 from diffusion_unlearn.fileio import UserError, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
 from diffusion_unlearn.methods.sa import FISHER_FILE, REPLAY_FILE
-from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.modelfolder import LoadedModel, check_model_data, load_model_dataset, load_model_folder
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.saliency import compute_mask, mask_description, save_mask
 from diffusion_unlearn.sample import Pipeline, parse_classes
@@ -108,8 +108,7 @@ def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
     overrides. `dual`: alternate forget/retain steps with two optimizers; `shared`: one optimizer on the preset's
     schedule (the method as published). A forget-lr sweep sets the forget lr (dual) or the one lr (shared)."""
     path = method_preset(cfg.preset_prefix, cell.method)
-    preset = load_yaml(path) if path is not None else {}
-    values = {k: v for k, v in preset.items() if not k.startswith("_")}
+    values = yaml_values(ForgetConfig, path) if path is not None else {}
     values |= {"method": cell.method, "model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
                "forget_class": cell.forget_class, "seed": cell.seed, "out": str(out), "optim": cell.optim,
                "device": cfg.device}
@@ -151,8 +150,7 @@ class Evaluator:
                                        "fid_feature_extractor")}
 
 
-def _evaluator(cfg: StudyConfig) -> Evaluator:
-    dataset = load_model_dataset(load_model_folder(cfg.model, "cpu"), cfg.dataset, cfg.data_root)
+def _evaluator(cfg: StudyConfig, dataset: ImageDataset) -> Evaluator:
     return Evaluator(cfg, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
 
 
@@ -169,44 +167,49 @@ def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: 
 # ----------------------------------------------------------------------------- cells
 
 
-def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> dict:
-    """What a cell shares with the other cells of its class and seed: its saliency mask file (SFRon, SalUn) or
-    SA's replay and Fisher (all classes, the base model's); made once, before the cells run."""
-    fc = forget_config(cfg, cell, root / "unused")
-    method = build_method(fc)
+@dataclass
+class SharedArtifacts:
+    """What a cell shares with the other cells of its class and seed, made once before the cells run: its
+    saliency mask file (SFRon, SalUn; `mask_config` says how) or SA's replay and Fisher files (all classes, the
+    base model's), which the cell's run folder links."""
+
+    files: list[Path]
+    mask_config: MaskConfig | None = None
+
+    @property
+    def ready(self) -> bool:
+        return all(p.exists() for p in self.files)
+
+
+def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifacts | None:
     if cell.method == "sa":
         folder = root / "shared" / f"sa-s{cell.seed}"
-        return {"copy": [folder / REPLAY_FILE, folder / FISHER_FILE], "folder": folder}
-    if method.mask_kind is not None:
-        mc = fc.mask_config(method.mask_kind)
-        return {"mask": root / "shared" / f"mask-{method.mask_kind}-c{cell.forget_class}-s{cell.seed}.safetensors",
-                "mask_config": mc}
-    return {}
+        return SharedArtifacts([folder / REPLAY_FILE, folder / FISHER_FILE])
+    fc = forget_config(cfg, cell, root / "unused")
+    kind = build_method(fc).mask_kind
+    if kind is None:
+        return None
+    path = root / "shared" / f"mask-{kind}-c{cell.forget_class}-s{cell.seed}.safetensors"
+    return SharedArtifacts([path], fc.mask_config(kind))
 
 
-def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path) -> None:
-    todo = {}
+def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: LoadedModel, dataset: ImageDataset) -> None:
+    todo: dict[Path, tuple[Cell, SharedArtifacts]] = {}
     for cell in cells:
         if not (root / "cells" / cell.name / "result.json").exists():
             art = shared_artifacts(cfg, cell, root)
-            key = art.get("mask") or art.get("folder")
-            if key is not None and not (Path(key).exists() if "mask" in art else
-                                        all(p.exists() for p in art["copy"])):
-                todo[key] = (cell, art)
-    if not todo:
-        return
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    for cell, art in tqdm(todo.values(), desc="study: masks and SA replay"):
+            if art is not None and not art.ready:
+                todo.setdefault(art.files[0], (cell, art))
+    for cell, art in tqdm(todo.values(), desc="study: masks and SA replay", disable=not todo):
         torch.manual_seed(cell.seed)
         forget_set, retain_set = forget_retain_split(dataset, cell.forget_class)
-        if "mask" in art:
-            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art["mask_config"])
-            save_mask(art["mask"], mask, {**mask_description(art["mask_config"]), "model": str(cfg.model)})
+        if art.mask_config is not None:
+            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask_config)
+            save_mask(art.files[0], mask, {**mask_description(art.mask_config), "model": str(cfg.model)})
         else:
-            art["folder"].mkdir(parents=True, exist_ok=True)
-            build_method(forget_config(cfg, cell, art["folder"])).prepare(
-                loaded.backbone(), forget_set, retain_set, art["folder"])
+            folder = art.files[0].parent
+            folder.mkdir(parents=True, exist_ok=True)
+            build_method(forget_config(cfg, cell, folder)).prepare(loaded.backbone(), forget_set, retain_set, folder)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -219,10 +222,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def run_cell(cfg: StudyConfig, cell: Cell, threads: int | None = None) -> dict:
+def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     root = Path(cfg.out)
     folder = root / "cells" / cell.name
     if (folder / "result.json").exists():
@@ -230,11 +231,11 @@ def run_cell(cfg: StudyConfig, cell: Cell, threads: int | None = None) -> dict:
     paths = OutputPaths(folder / "forget")
     fc = forget_config(cfg, cell, paths.root)
     art = shared_artifacts(cfg, cell, root)
-    if "mask" in art:
-        fc.mask = str(art["mask"])
-    for src in art.get("copy", []):
-        _link_or_copy(src, paths.root / src.name)
-    evaluator = _evaluator(cfg)
+    if art is not None and art.mask_config is not None:
+        fc.mask = str(art.files[0])
+    elif art is not None:
+        for src in art.files:
+            _link_or_copy(src, paths.root / src.name)
     started = time.perf_counter()
     if not paths.model.exists() or paths.state.exists():
         probe = Probe(cfg.curve_every, lambda pipeline: evaluator(pipeline, cell.forget_class, curve=True))
@@ -250,6 +251,19 @@ def run_cell(cfg: StudyConfig, cell: Cell, threads: int | None = None) -> dict:
               "seconds_total": time.perf_counter() - started}
     write_json(folder / "result.json", result)
     return result
+
+
+_WORKER: dict[str, Evaluator] = {}  # a `--jobs` worker process's evaluator, built once
+
+
+def _start_worker(cfg: StudyConfig, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["evaluator"] = _evaluator(cfg, load_model_dataset(load_model_folder(cfg.model), cfg.dataset,
+                                                              cfg.data_root))
+
+
+def _run_cell_in_worker(cfg: StudyConfig, cell: Cell) -> dict:
+    return run_cell(cfg, cell, _WORKER["evaluator"])
 
 
 # ----------------------------------------------------------------------------- references
@@ -271,7 +285,7 @@ def retrain_models(cfg: StudyConfig, classes: list[int], root: Path) -> dict[int
     if missing and cfg.train_retrain:
         for c in missing:
             out = root / "retrain" / f"class-{c}"
-            values = {k: v for k, v in load_yaml(preset_path(cfg.retrain_preset)).items() if not k.startswith("_")}
+            values = yaml_values(PretrainConfig, preset_path(cfg.retrain_preset))
             pretrain(build_config(PretrainConfig, {**values, "dataset": cfg.dataset, "data_root": cfg.data_root,
                                                    "exclude_class": c, "out": str(out), "device": cfg.device}))
             found[c] = out
@@ -284,8 +298,9 @@ def retrain_models(cfg: StudyConfig, classes: list[int], root: Path) -> dict[int
 # ----------------------------------------------------------------------------- the subcommand
 
 
-def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell]]:
-    """The study's cells, and its config with the sampler resolved for the model; fails before any work."""
+def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel, ImageDataset]:
+    """The study's config with the sampler resolved for the model, its cells, the base model and the dataset as
+    the model sees it; fails before any work."""
     if not cfg.model:
         raise UserError("--model is required: the base model folder to unlearn from (e.g. the demo's "
                         ".cache/diffusion-unlearn/digits-base-seed0)")
@@ -294,47 +309,46 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell]]:
                         ".cache/diffusion-unlearn/digits-classifier)")
     if cfg.curve_every < 1 or cfg.jobs < 1:
         raise UserError("--curve-every and --jobs must be at least 1")
-    loaded = load_model_folder(cfg.model, "cpu")
+    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, 0)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
-    clf = load_classifier(cfg.classifier)
-    if clf.class_names != loaded.meta.class_names:
-        raise UserError(f"classifier {cfg.classifier} knows classes {clf.class_names}, the model "
-                        f"{loaded.meta.class_names}; train a classifier on the model's dataset")
+    check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":
         find_inception_weights(cfg.fid_weights)
     cells = plan_cells(cfg, dataset.num_classes)
     for cell in {replace(c, forget_class=0, seed=0) for c in cells}:
         forget_config(cfg, cell, Path(cfg.out) / "check")  # unknown preset keys etc. fail now
-    return cfg, cells
+    return cfg, cells, loaded, dataset
 
 
 def study(cfg: StudyConfig) -> dict:
     started = time.perf_counter()
-    cfg, cells = check_inputs(cfg)
+    cfg, cells, loaded, dataset = check_inputs(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     classes = sorted({c.forget_class for c in cells})
     retrain = retrain_models(cfg, classes, root)
-    evaluator = _evaluator(cfg)
+    evaluator = _evaluator(cfg, dataset)
     base = {c: reference_scores(evaluator, Path(cfg.model), c, root / "base" / f"class-{c}.json")
             for c in tqdm(classes, desc="study: base model")}
     retrain_scores = {c: reference_scores(evaluator, path, c, root / "retrain-scores" / f"class-{c}.json")
                       for c, path in retrain.items()}
-    prepare_shared(cfg, cells, root)
+    prepare_shared(cfg, cells, root, loaded, dataset)
+    del loaded  # each cell loads its own copy in `forget`
 
     results = []
     bar = tqdm(total=len(cells), desc="study: cells")
     if cfg.jobs == 1:
         for cell in cells:
             bar.set_postfix_str(cell.name)
-            results.append(run_cell(cfg, cell))
+            results.append(run_cell(cfg, cell, evaluator))
             bar.update(1)
     else:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-        with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_cell, cfg, cell, threads) for cell in cells]
+        with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
+                                 initargs=(cfg, threads)) as pool:
+            futures = [pool.submit(_run_cell_in_worker, cfg, cell) for cell in cells]
             for future in futures:
                 results.append(future.result())
                 bar.update(1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from diffusion_unlearn.config import CONFIG_DIR, ForgetConfig, _flatten_yaml, _flat_values, build_config, load_yaml
+from diffusion_unlearn.config import CONFIG_DIR, ForgetConfig, _flat_values, build_config, load_yaml, yaml_values
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, RandomLabel
 from diffusion_unlearn.methods.sa import SelectiveAmnesia
@@ -39,7 +39,7 @@ def _settings(values: dict, keys) -> str:
 def _preset_changes(path) -> str:
     """The settings a preset changes from the ForgetConfig defaults."""
     defaults = _flat_values(ForgetConfig())
-    preset = _flat_values(build_config(ForgetConfig, _flatten_yaml(ForgetConfig, load_yaml(path))))
+    preset = _flat_values(build_config(ForgetConfig, yaml_values(ForgetConfig, path)))
     return _settings(preset, [k for k, v in preset.items() if v != defaults[k] and k != "method"]) or "the defaults"
 
 
