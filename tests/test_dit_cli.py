@@ -194,12 +194,12 @@ def test_export_refuses_a_ddpm_folder(tmp_path, capsys):
 
 
 def test_preset_loads():
-    from diffusion_unlearn.config import ForgetConfig, _flatten_yaml, build_config, load_yaml, preset_path
+    from diffusion_unlearn.config import ForgetConfig, build_config, preset_path, yaml_values
 
-    cfg = build_config(ForgetConfig, _flatten_yaml(ForgetConfig, load_yaml(preset_path("dit-xl2-imagenet-sfron-dual"))))
-    assert (cfg.batch_size, cfg.iterations, cfg.forget_lr, cfg.retain_lr, cfg.adaptive_lambda, cfg.clip_retain) == (
-        1, 500, 5e-5, 5e-5, 0.0, False)
-    assert cfg.cfg_dropout_in_forget_loss and cfg.sampler.sampler == "ddpm" and cfg.grid_classes.startswith("207")
+    cfg = build_config(ForgetConfig, yaml_values(ForgetConfig, preset_path("dit-xl2-imagenet-sfron-dual")))
+    assert (cfg.batch_size, cfg.iterations, cfg.forget_optimizer.lr, cfg.retain_optimizer.lr,
+            cfg.method_args["adaptive_lambda"], cfg.clip_retain) == (1, 500, 5e-5, 5e-5, 0.0, False)
+    assert cfg.method_args["cfg_dropout_in_forget_loss"] and cfg.sampler.sampler == "ddpm" and cfg.grid_classes.startswith("207")
 
 
 def test_forget_with_a_reference_dit_mask(dit_folder, data, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_unlearn.config import ForgetConfig, MaskConfig, SamplerConfig
+from diffusion_unlearn.config import ForgetConfig, MaskConfig, SamplerConfig, build_config
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
@@ -21,7 +21,7 @@ def _cfg(model, out, **kw):
                 fisher_batch_size=64, fisher_max_batches=2, checkpoint_every=1, grid_per_class=2,
                 sampler=SamplerConfig(steps=2, sample_batch_size=64))
     base.update(kw)
-    return ForgetConfig(**base)
+    return build_config(ForgetConfig, base)
 
 
 def test_forget_writes_every_output(tiny_model, tmp_path):
@@ -146,8 +146,8 @@ def test_dataset_shape_mismatch(tmp_path):
 
 
 def test_mask_command_and_reuse(tiny_model, tmp_path):
-    cfg = MaskConfig(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
-                     fisher_batch_size=64, fisher_max_batches=1)
+    cfg = build_config(MaskConfig, dict(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
+                                        fisher_batch_size=64, fisher_max_batches=1))
     out = mask(cfg)
     meta = mask_metadata(tmp_path / "m.safetensors")
     assert meta["gamma"] == 3.0 and meta["forget_class"] == 3 and meta["density"] == pytest.approx(out["density"])
