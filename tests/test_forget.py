@@ -1,16 +1,19 @@
 """End to end on a tiny model: forget writes every output; a killed run resumes bitwise; bad input fails fast."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_unlearn.config import ForgetConfig, MaskConfig, SamplerConfig, build_config
+from diffusion_unlearn.config import (ForgetConfig, MaskConfig, SamplerConfig, build_config, config_to_dict,
+                                      yaml_values)
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
 from diffusion_unlearn.saliency import load_mask, mask_metadata
+from diffusion_unlearn.sampler_defaults import resolve_sampler
 from diffusion_unlearn.unlearn import forget, mask
 
 
@@ -25,11 +28,16 @@ def _cfg(model, out, **kw):
 
 
 def test_forget_writes_every_output(tiny_model, tmp_path):
-    result = forget(_cfg(tiny_model, tmp_path / "run"))
+    cfg = _cfg(tiny_model, tmp_path / "run")
+    result = forget(cfg)
     run = tmp_path / "run"
     for name in ("model/model_index.json", "model/diffusion_unlearn.json", "mask.safetensors", "config.yaml",
                  "log.jsonl", "optimizers.pt", "ema.safetensors", "grid-before.png", "grid-after.png"):
         assert (run / name).exists(), name
+    # config.yaml is the whole resolved config: `--config` builds it back (the sampler resolved for the model)
+    again = build_config(ForgetConfig, yaml_values(ForgetConfig, run / "config.yaml"))
+    assert again == replace(cfg, sampler=resolve_sampler(cfg.sampler, "ddpm", "grid"))
+    assert config_to_dict(again) == result["config"]
     assert not (run / "state.pt").exists()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [0, 1, 2, 3]

@@ -268,11 +268,13 @@ def test_per_side_optimizer_settings_reach_the_optimizers(tiny_model):
 # ----------------------------------------------------------------------------- end to end
 
 
+SA_TINY = dict(sa_samples_per_class=2, sa_fisher_timesteps=3, sa_fisher_chunk=2)  # SA's own arguments
+
+
 def _cfg(model, out, **kw):
     base = dict(model=str(model), dataset="digits", forget_class=3, out=str(out), iterations=2, batch_size=16,
                 fisher_batch_size=64, fisher_max_batches=1, checkpoint_every=1, grid_per_class=1,
-                sa_samples_per_class=2, sa_fisher_timesteps=3, sa_fisher_chunk=2,
-                sampler=SamplerConfig(steps=2, sample_batch_size=64))
+                sampler=SamplerConfig(steps=2, sample_batch_size=64), **(SA_TINY if kw.get("method") == "sa" else {}))
     base.update(kw)
     return build_config(ForgetConfig, base)
 
