@@ -560,9 +560,21 @@ def validate(cls: type, nested: dict, prefix: str = "") -> Any:
         raise UserError(validation_message(e, cls, prefix)) from None
 
 
+def _section_defaults(cls: type) -> dict:
+    """The default of each section field of `cls` as a dict (a class may default a section to other values than
+    the section class's, e.g. the study's `SamplerConfig(steps=20)`)."""
+    out = {}
+    for name in _sections(cls):
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out[name] = dataclasses.asdict(default)
+    return out
+
+
 def build_config(cls: type, *layers: dict) -> Any:
     """Build a config from dicts of options (nested, dotted or flat keys), later layers winning field by field,
-    over the settings of the evaluation protocol the result names (PROTOCOLS)."""
+    over the settings of the evaluation protocol the result names (PROTOCOLS), over the defaults."""
     nested: dict = {}
     for layer in layers:
         _merge(nested, nest(cls, layer))
@@ -571,7 +583,7 @@ def build_config(cls: type, *layers: dict) -> Any:
         if protocol not in PROTOCOLS:
             raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         nested = _merge(nest(cls, PROTOCOLS[protocol], skip_unknown=True), nested)
-    return validate(cls, nested)
+    return validate(cls, _merge(_section_defaults(cls), nested))
 
 
 def protocol_deviations(cfg: Any) -> dict[str, Any]:
