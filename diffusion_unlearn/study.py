@@ -221,7 +221,9 @@ def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: Load
         else:
             folder = art.files[0].parent
             folder.mkdir(parents=True, exist_ok=True)
-            build_method(forget_config(cfg, cell, folder)).prepare(loaded.backbone(), forget_set, retain_set, folder)
+            fc = forget_config(cfg, cell, folder)
+            fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid"))  # as `forget` does
+            build_method(fc).prepare(loaded.backbone(), forget_set, retain_set, folder)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
