@@ -19,8 +19,9 @@ from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.unlearn import OutputPaths, forget
 
-# Fast sampler and sample counts for the demo's evaluations (its runs' grids keep their preset's sampler), so the whole demo fits in ~7 minutes on
-# 2 CPU cores (the paper protocol uses 1000 steps and 500/5000 samples; see README).
+# Fast sampler and sample counts for the demo's evaluations (its runs' grids keep their preset's sampler), so
+# the whole demo fits in ~7 minutes on 2 CPU cores (the paper protocol uses 1000 steps and 500/5000 samples; see
+# README).
 DEMO_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=0.0, guidance_scale=3.0)
 DEMO_FA_SAMPLES, DEMO_RETAIN_PER_CLASS = 250, 100
 

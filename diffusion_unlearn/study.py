@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, SamplerConfig, StudyConfig,
-                                      build_config, preset_path, resolve_device, yaml_values)
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, SamplerConfig,
+                                      StudyConfig, build_config, preset_path, resolve_device, yaml_values)
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics

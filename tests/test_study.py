@@ -83,7 +83,8 @@ def test_cell_settings_follow_the_preset_and_the_setup(tmp_path):
     assert (sa_dual.optim, sa_dual.schedule) == ("dual", "alternate")  # DualOptim needs alternating steps
     assert (sa_shared.optim, sa_shared.schedule) == ("shared", "joint")  # SA as published
     assert sa_dual.iterations == sa_shared.iterations == 11 and sa_dual.batch_size == 32
-    assert sa_dual.method_args["ewc_lambda"] == 1.0 and sa_dual.forget_class == 3 and sa_dual.seed == 1  # from digits-sa.yaml
+    assert sa_dual.method_args["ewc_lambda"] == 1.0  # from digits-sa.yaml
+    assert sa_dual.forget_class == 3 and sa_dual.seed == 1
     sfron = forget_config(cfg, Cell("sfron", "dual", 0, 0), tmp_path)
     assert sfron.iterations == 150 and sfron.alpha_schedule == "cosine"  # digits-sfron.yaml, not overridden
     # an lr sweep moves the forget lr of dual and the one lr of shared

@@ -3,8 +3,8 @@
 A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated here
 against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
 takes from the run (`from_config`). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
-mask `forget()` builds), `mask_retain` (whether retain gradients are masked too) and `forget_loss` (None: no forget steps). `prepare` may cache
-artefacts beside the run and choose the data the retain steps draw from.
+mask `forget()` builds), `mask_retain` (whether retain gradients are masked too) and `forget_loss` (None: no
+forget steps). `prepare` may cache artefacts beside the run and choose the data the retain steps draw from.
 """
 
 from __future__ import annotations
