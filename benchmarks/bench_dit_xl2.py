@@ -154,10 +154,9 @@ def latent_dataset(n: int, forget_class: int):
 
 
 def preset_config(**overrides):
-    from diffusion_unlearn.config import ForgetConfig, build_config, load_yaml, preset_path
+    from diffusion_unlearn.config import ForgetConfig, build_config, preset_path, yaml_values
 
-    values = {k: v for k, v in load_yaml(preset_path(PRESET)).items() if not k.startswith("_")}
-    return build_config(ForgetConfig, {**values, **overrides})
+    return build_config(ForgetConfig, yaml_values(ForgetConfig, preset_path(PRESET)), overrides)
 
 
 def make_mask(args, backbone, forget_set, retain_set, cfg):
@@ -166,8 +165,8 @@ def make_mask(args, backbone, forget_set, retain_set, cfg):
     if args.mask == "none":
         return None
     if args.mask == "fisher":
-        mask_cfg = dataclasses.replace(cfg.mask_config("fisher-ratio"), fisher_max_batches=args.fisher_draws)
-        return compute_mask(backbone, forget_set, retain_set, mask_cfg)
+        settings = dataclasses.replace(cfg.mask, fisher_max_batches=args.fisher_draws)
+        return compute_mask(backbone, forget_set, retain_set, settings, "fisher-ratio", cfg.seed)
     g = torch.Generator().manual_seed(1)  # drawn straight into bool: no float temporaries left in the heap
     return {n: torch.empty(p.shape, dtype=torch.bool).bernoulli_(args.mask_density, generator=g).to(p.device)
             for n, p in backbone.named_parameters().items()}

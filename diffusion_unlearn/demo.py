@@ -19,8 +19,9 @@ from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.unlearn import OutputPaths, forget
 
-# Fast sampler and sample counts for the demo's evaluations, so the whole demo fits in ~7 minutes on
-# 2 CPU cores (the paper protocol uses 1000 steps and 500/5000 samples; see README).
+# Fast sampler and sample counts for the demo's evaluations (its runs' grids keep their preset's sampler), so
+# the whole demo fits in ~7 minutes on 2 CPU cores (the paper protocol uses 1000 steps and 500/5000 samples; see
+# README).
 DEMO_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=0.0, guidance_scale=3.0)
 DEMO_FA_SAMPLES, DEMO_RETAIN_PER_CLASS = 250, 100
 
@@ -46,8 +47,8 @@ def demo(cfg: DemoConfig) -> dict:
     recipe = RECIPES[cfg.backbone]
     cache, out = Path(cfg.cache_dir), Path(cfg.out)
     base = cache / f"{recipe.base_name}-seed{cfg.seed}"
-    pretrain(build_config(PretrainConfig, {**yaml_values(PretrainConfig, preset_path(recipe.pretrain_preset)),
-                                           "out": str(base), "seed": cfg.seed, "cache_dir": str(cache)}))
+    pretrain(build_config(PretrainConfig, yaml_values(PretrainConfig, preset_path(recipe.pretrain_preset)),
+                          {"out": str(base), "seed": cfg.seed, "cache_dir": str(cache)}))
     classifier = cache / "digits-classifier"
     try:
         load_classifier(classifier)
@@ -59,10 +60,9 @@ def demo(cfg: DemoConfig) -> dict:
                   retain_samples_per_class=DEMO_RETAIN_PER_CLASS)
     metrics_base = evaluate(EvalConfig(model=str(base), out=str(out / "metrics-base.json"), **common))
     run = out / f"forget-{cfg.backbone}-class{cfg.forget_class}-{cfg.optim}-seed{cfg.seed}"  # reused when finished
-    forget_cfg = build_config(ForgetConfig, {**yaml_values(ForgetConfig, preset_path(recipe.forget_preset)),
-                                             "model": str(base), "forget_class": cfg.forget_class, "optim": cfg.optim,
-                                             "out": str(run), "seed": cfg.seed, "cache_dir": str(cache)})
-    forget_cfg.sampler = DEMO_SAMPLER
+    forget_cfg = build_config(ForgetConfig, yaml_values(ForgetConfig, preset_path(recipe.forget_preset)),
+                              {"model": str(base), "forget_class": cfg.forget_class, "optim": cfg.optim,
+                               "out": str(run), "seed": cfg.seed, "cache_dir": str(cache)})  # the preset's sampler
     paths = OutputPaths(Path(forget_cfg.out))
     if not paths.model.exists() or paths.state.exists():
         forget(forget_cfg)

@@ -8,15 +8,16 @@ so its momentum mixes the two objectives (the single-optimizer baseline of Table
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
+from diffusion_unlearn.config import OptimizerName
 from diffusion_unlearn.fileio import UserError
 
-# torch built-ins that make sense for fine-tuning a diffusion model; Lion is not in torch (Table 6 row left out).
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad", "adamax", "nadam", "radam")
+OPTIMIZERS = typing.get_args(OptimizerName)
 
 
 @dataclass

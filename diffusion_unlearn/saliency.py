@@ -193,12 +193,13 @@ def topk_mask(scores: Mask, fraction: float) -> Mask:
     return mask
 
 
-def compute_mask(backbone, forget_set, retain_set, cfg) -> Mask:
-    """The saliency mask a MaskConfig names: SFRon's Fisher ratio (`fisher-ratio`, §2.1.1: forget and retain
-    Fisher diagonals, then the ratio test) or SalUn's top-k gradient saliency on the forget set (`topk`, §2.2)."""
+def compute_mask(backbone, forget_set, retain_set, cfg, kind: str, seed: int) -> Mask:
+    """The saliency mask of `kind` with the settings `cfg` (config.MaskSettings): SFRon's Fisher ratio
+    (`fisher-ratio`, §2.1.1: forget and retain Fisher diagonals, then the ratio test) or SalUn's top-k gradient
+    saliency on the forget set (`topk`, §2.2)."""
     kw = dict(batch_size=cfg.fisher_batch_size, max_batches=cfg.fisher_max_batches, clip=cfg.fisher_clip,
-              guidance_w=cfg.fisher_guidance_w if cfg.fisher_on_guided_output else None, seed=cfg.seed)
-    if cfg.kind == "topk":
+              guidance_w=cfg.fisher_guidance_w if cfg.fisher_on_guided_output else None, seed=seed)
+    if kind == "topk":
         return topk_mask(gradient_saliency(backbone, forget_set, desc="saliency (forget set)", **kw),
                          cfg.topk_fraction)
     forget = fisher_diagonal(backbone, forget_set, desc="Fisher (forget set)", **kw)
@@ -206,10 +207,10 @@ def compute_mask(backbone, forget_set, retain_set, cfg) -> Mask:
     return ratio_mask(forget, retain, cfg.gamma)
 
 
-def mask_description(cfg) -> dict:
-    """What a mask file records about how it was made (MaskConfig)."""
-    rule = {"gamma": cfg.gamma} if cfg.kind == "fisher-ratio" else {"topk_fraction": cfg.topk_fraction}
-    return {"kind": cfg.kind, "forget_class": cfg.forget_class, **rule,
+def mask_description(cfg, kind: str, forget_class: int) -> dict:
+    """What a mask file records about how it was made (`cfg`: config.MaskSettings)."""
+    rule = {"gamma": cfg.gamma} if kind == "fisher-ratio" else {"topk_fraction": cfg.topk_fraction}
+    return {"kind": kind, "forget_class": forget_class, **rule,
             "fisher_on_guided_output": cfg.fisher_on_guided_output, "fisher_clip": cfg.fisher_clip}
 
 

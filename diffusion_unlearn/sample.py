@@ -53,7 +53,7 @@ def generate(pipeline: Pipeline, classes: Sequence[int], per_class: int, sampler
         raise ValueError(f"sampler {sampler} has unset fields; fill them with resolve_sampler(...) first")
     labels, indices = class_sample_plan(classes, per_class)
     images = pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
-                      sampler=sampler.sampler, eta=sampler.eta, seed=sampler.seed, indices=indices,
+                      sampler=sampler.sampler, eta=sampler.eta, seed=sampler.sample_seed, indices=indices,
                       batch_size=sampler.sample_batch_size, progress=progress)
     return images, labels, indices
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskConfig, PretrainConfig, StudyConfig, build_config,
-                                      preset_path, resolve_device, yaml_values)
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, SamplerConfig,
+                                      StudyConfig, build_config, preset_path, resolve_device, yaml_values)
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
@@ -103,15 +103,23 @@ def method_preset(prefix: str, method: str) -> Path | None:
     return None
 
 
+def sampler_overrides(sampler: SamplerConfig) -> dict:
+    """The study's sampler fields that a cell's runs take over their preset's: those not at the SamplerConfig
+    defaults (field by field; the rest stay the preset's)."""
+    unset = SamplerConfig()
+    return {f.name: getattr(sampler, f.name) for f in dataclasses.fields(SamplerConfig)
+            if getattr(sampler, f.name) != getattr(unset, f.name)}
+
+
 def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
     """A cell's `forget` settings: the method's preset (`<prefix><method>.yaml`, if present), then the study's
     overrides. `dual`: alternate forget/retain steps with two optimizers; `shared`: one optimizer on the preset's
     schedule (the method as published). A forget-lr sweep sets the forget lr (dual) or the one lr (shared)."""
     path = method_preset(cfg.preset_prefix, cell.method)
-    values = yaml_values(ForgetConfig, path) if path is not None else {}
-    values |= {"method": cell.method, "model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
-               "forget_class": cell.forget_class, "seed": cell.seed, "out": str(out), "optim": cell.optim,
-               "device": cfg.device}
+    preset = yaml_values(ForgetConfig, path) if path is not None else {}
+    values = {"method": cell.method, "model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
+              "forget_class": cell.forget_class, "seed": cell.seed, "out": str(out), "optim": cell.optim,
+              "device": cfg.device, "sampler": sampler_overrides(cfg.sampler)}
     if cell.optim == "dual":
         values["schedule"] = "alternate"
     if cfg.batch_size is not None:
@@ -121,8 +129,7 @@ def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
         values["iterations"] = iterations[cell.method]
     if cell.forget_lr is not None:
         values["forget_lr" if cell.optim == "dual" else "retain_lr"] = cell.forget_lr
-    forget_cfg = build_config(ForgetConfig, values)
-    forget_cfg.sampler = cfg.sampler
+    forget_cfg = build_config(ForgetConfig, preset, values)
     forget_cfg.checkpoint_every = max(1, min(forget_cfg.checkpoint_every, cfg.curve_every))
     return forget_cfg
 
@@ -132,7 +139,8 @@ def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
 
 @dataclass
 class Evaluator:
-    """The study's one way to score weights: final (`fa_samples`, `retain_samples_per_class`) or curve counts."""
+    """The study's one way to score weights: final (`fa_samples`, `retain_samples_per_class`) or curve counts;
+    `cfg.sampler` is resolved for the model (_evaluator)."""
 
     cfg: StudyConfig
     dataset: ImageDataset
@@ -144,14 +152,16 @@ class Evaluator:
                           else (cfg.fa_samples, cfg.retain_samples_per_class))
         scores = sample_metrics(pipeline, self.dataset, self.classifier, forget_class, fa_n, retain_n, cfg.sampler,
                                 fid_extractor=fid_extractor_kind(cfg, self.dataset.channels),
-                                cache_dir=cfg.cache_dir, inception_weights=cfg.fid_weights,
-                                device=resolve_device(cfg.device), progress=False)
+                                reference_count=cfg.fid_reference_count, cache_dir=cfg.cache_dir,
+                                inception_weights=cfg.fid_weights, device=resolve_device(cfg.device),
+                                fid_protocol=cfg.fid_protocol, progress=False)
         return {k: scores[k] for k in ("fa", "retain_accuracy", "fid", "forget_mean_prob", "fid_reference_count",
                                        "fid_feature_extractor")}
 
 
-def _evaluator(cfg: StudyConfig, dataset: ImageDataset) -> Evaluator:
-    return Evaluator(cfg, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
+def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evaluator:
+    resolved = replace(cfg, sampler=resolve_sampler(cfg.sampler, backbone, "eval"))
+    return Evaluator(resolved, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
 
 
 def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: Path) -> dict:
@@ -170,11 +180,12 @@ def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: 
 @dataclass
 class SharedArtifacts:
     """What a cell shares with the other cells of its class and seed, made once before the cells run: its
-    saliency mask file (SFRon, SalUn; `mask_config` says how) or SA's replay and Fisher files (all classes, the
-    base model's), which the cell's run folder links."""
+    saliency mask file (SFRon, SalUn; `mask` and `mask_kind` say how) or SA's replay and Fisher files (all
+    classes, the base model's), which the cell's run folder links."""
 
     files: list[Path]
-    mask_config: MaskConfig | None = None
+    mask: MaskSettings | None = None
+    mask_kind: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -190,7 +201,7 @@ def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifact
     if kind is None:
         return None
     path = root / "shared" / f"mask-{kind}-c{cell.forget_class}-s{cell.seed}.safetensors"
-    return SharedArtifacts([path], fc.mask_config(kind))
+    return SharedArtifacts([path], fc.mask, kind)
 
 
 def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: LoadedModel, dataset: ImageDataset) -> None:
@@ -203,13 +214,16 @@ def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: Load
     for cell, art in tqdm(todo.values(), desc="study: masks and SA replay", disable=not todo):
         torch.manual_seed(cell.seed)
         forget_set, retain_set = forget_retain_split(dataset, cell.forget_class)
-        if art.mask_config is not None:
-            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask_config)
-            save_mask(art.files[0], mask, {**mask_description(art.mask_config), "model": str(cfg.model)})
+        if art.mask is not None:
+            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask, art.mask_kind, cell.seed)
+            save_mask(art.files[0], mask, {**mask_description(art.mask, art.mask_kind, cell.forget_class),
+                                           "model": str(cfg.model)})
         else:
             folder = art.files[0].parent
             folder.mkdir(parents=True, exist_ok=True)
-            build_method(forget_config(cfg, cell, folder)).prepare(loaded.backbone(), forget_set, retain_set, folder)
+            fc = forget_config(cfg, cell, folder)
+            fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid"))  # as `forget` does
+            build_method(fc).prepare(loaded.backbone(), forget_set, retain_set, folder)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -231,8 +245,8 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     paths = OutputPaths(folder / "forget")
     fc = forget_config(cfg, cell, paths.root)
     art = shared_artifacts(cfg, cell, root)
-    if art is not None and art.mask_config is not None:
-        fc.mask = str(art.files[0])
+    if art is not None and art.mask is not None:
+        fc = replace(fc, mask=replace(fc.mask, file=str(art.files[0])))
     elif art is not None:
         for src in art.files:
             _link_or_copy(src, paths.root / src.name)
@@ -246,7 +260,8 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     curve = [{"iteration": r["iteration"] + 1, **{k: r[k] for k in ("fa", "retain_accuracy", "fid")}}
              for r in map(json.loads, paths.log.read_text().splitlines()) if "fa" in r]
     result = {**dataclasses.asdict(cell), "cell": cell.name, "schedule": fc.schedule, "iterations": fc.iterations,
-              "batch_size": fc.batch_size, "forget_lr_used": fc.forget_lr, "retain_lr_used": fc.retain_lr,
+              "batch_size": fc.batch_size, "forget_lr_used": fc.forget_optimizer.lr,
+              "retain_lr_used": fc.retain_optimizer.lr,
               **scores, "curve": curve, "seconds_forget": seconds_forget,
               "seconds_total": time.perf_counter() - started}
     write_json(folder / "result.json", result)
@@ -258,8 +273,9 @@ _WORKER: dict[str, Evaluator] = {}  # a `--jobs` worker process's evaluator, bui
 
 def _start_worker(cfg: StudyConfig, threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER["evaluator"] = _evaluator(cfg, load_model_dataset(load_model_folder(cfg.model), cfg.dataset,
-                                                              cfg.data_root))
+    loaded = load_model_folder(cfg.model)
+    _WORKER["evaluator"] = _evaluator(cfg, load_model_dataset(loaded, cfg.dataset, cfg.data_root),
+                                      loaded.meta.backbone)
 
 
 def _run_cell_in_worker(cfg: StudyConfig, cell: Cell) -> dict:
@@ -299,20 +315,18 @@ def retrain_models(cfg: StudyConfig, classes: list[int], root: Path) -> dict[int
 
 
 def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel, ImageDataset]:
-    """The study's config with the sampler resolved for the model, its cells, the base model and the dataset as
-    the model sees it; fails before any work."""
+    """The study's config, its cells, the base model and the dataset as the model sees it; fails before any work.
+    The sampler stays as given: the evaluation resolves it for the model (_evaluator), the cells' runs take the
+    fields set over their presets' (sampler_overrides)."""
     if not cfg.model:
         raise UserError("--model is required: the base model folder to unlearn from (e.g. the demo's "
                         ".cache/diffusion-unlearn/digits-base-seed0)")
     if not cfg.classifier:
         raise UserError("--classifier is required: an FA classifier folder (`train-classifier`, or the demo's "
                         ".cache/diffusion-unlearn/digits-classifier)")
-    if cfg.curve_every < 1 or cfg.jobs < 1:
-        raise UserError("--curve-every and --jobs must be at least 1")
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, 0)
-    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
     check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":
         find_inception_weights(cfg.fid_weights)
@@ -329,7 +343,7 @@ def study(cfg: StudyConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     classes = sorted({c.forget_class for c in cells})
     retrain = retrain_models(cfg, classes, root)
-    evaluator = _evaluator(cfg, dataset)
+    evaluator = _evaluator(cfg, dataset, loaded.meta.backbone)
     base = {c: reference_scores(evaluator, Path(cfg.model), c, root / "base" / f"class-{c}.json")
             for c in tqdm(classes, desc="study: base model")}
     retrain_scores = {c: reference_scores(evaluator, path, c, root / "retrain-scores" / f"class-{c}.json")
@@ -353,5 +367,5 @@ def study(cfg: StudyConfig) -> dict:
                 results.append(future.result())
                 bar.update(1)
     bar.close()
-    outputs = write_study_outputs(cfg, results, base, retrain_scores, root)
+    outputs = write_study_outputs(evaluator.cfg, results, base, retrain_scores, root)  # the resolved sampler
     return {**outputs, "cells": len(results), "seconds": time.perf_counter() - started}

@@ -60,10 +60,9 @@ def alpha_at(k: int, total: int, alpha: float, schedule: str) -> float:
 
 
 def optimizer_spec(cfg: ForgetConfig, side: str) -> OptimizerSpec:
-    """The forget or retain optimizer of a run; a side without its own betas/momentum takes `betas`/`momentum`."""
-    betas, momentum = getattr(cfg, f"{side}_betas"), getattr(cfg, f"{side}_momentum")
-    return OptimizerSpec(getattr(cfg, f"{side}_optim"), getattr(cfg, f"{side}_lr"), tuple(betas or cfg.betas),
-                         cfg.momentum if momentum is None else momentum, getattr(cfg, f"{side}_weight_decay"))
+    """The forget or retain optimizer of a run (`forget_optimizer` / `retain_optimizer`)."""
+    opt = getattr(cfg, f"{side}_optimizer")
+    return OptimizerSpec(opt.name, opt.lr, tuple(opt.betas), opt.momentum, opt.weight_decay)
 
 
 @dataclass
@@ -243,7 +242,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
     if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
         raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")
-    mask = load_mask(cfg.mask, loaded.unet) if cfg.mask else None
+    mask = load_mask(cfg.mask.file, loaded.unet) if cfg.mask.file else None
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -262,11 +261,11 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     if mask is None and paths.mask.exists():
         mask = load_mask(paths.mask, unet)
     elif mask is None and method.mask_kind is not None:
-        mask = compute_mask(backbone, forget_set, retain_set, cfg.mask_config(method.mask_kind))
+        mask = compute_mask(backbone, forget_set, retain_set, cfg.mask, method.mask_kind, cfg.seed)
     if mask is not None and not paths.mask.exists():
-        made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask else \
-            mask_description(cfg.mask_config(method.mask_kind))
-        save_mask(paths.mask, mask, {**made, "source": str(cfg.mask or "computed")})
+        made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask.file else \
+            mask_description(cfg.mask, method.mask_kind, cfg.forget_class)
+        save_mask(paths.mask, mask, {**made, "source": str(cfg.mask.file or "computed")})
     write_config_yaml(cfg, paths.config)
     names = loaded.meta.class_names
     grid = lambda title: class_grid(loaded.pipeline, names, grid_classes, cfg.grid_per_class,  # noqa: E731
@@ -311,6 +310,6 @@ def mask(cfg: MaskConfig) -> dict:
     check_model_data(loaded, dataset, cfg.forget_class)
     torch.manual_seed(cfg.seed)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
-    result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg)
-    save_mask(cfg.out, result, {**mask_description(cfg), "model": str(cfg.model)})
+    result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg.mask, cfg.kind, cfg.seed)
+    save_mask(cfg.out, result, {**mask_description(cfg.mask, cfg.kind, cfg.forget_class), "model": str(cfg.model)})
     return {"out": cfg.out, "density": mask_density(result)}

@@ -18,8 +18,8 @@ from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
 K = 10
 FAST_SAMPLER = ["--sampler", "ddim", "--steps", "2", "--grid-per-class", "1"]
 TINY_FORGET = ["--iterations", "2", "--batch-size", "2", "--fisher-batch-size", "4", "--fisher-max-batches", "1",
-               "--checkpoint-every", "1", "--sa-samples-per-class", "1", "--sa-fisher-timesteps", "2",
-               "--sa-fisher-chunk", "2", "--device", "cpu", *FAST_SAMPLER]
+               "--checkpoint-every", "1", "--device", "cpu", *FAST_SAMPLER]
+TINY_SA = ["--sa-samples-per-class", "1", "--sa-fisher-timesteps", "2", "--sa-fisher-chunk", "2"]  # SA's own arguments
 
 
 
@@ -94,7 +94,7 @@ def test_forget_sfron(dit_folder, data, tmp_path, optim):
 def test_every_method_runs_on_dit(dit_folder, data, tmp_path, method, optim):
     out = tmp_path / "forget"
     assert main(["forget", "--model", str(dit_folder), *_data_args(data), "--forget-class", "1", "--method", method,
-                 "--optim", optim, "--out", str(out), *TINY_FORGET]) == 0
+                 "--optim", optim, "--out", str(out), *TINY_FORGET, *(TINY_SA if method == "sa" else [])]) == 0
     assert load_model_folder(out / "model").meta.backbone == "dit"
 
 
@@ -194,12 +194,13 @@ def test_export_refuses_a_ddpm_folder(tmp_path, capsys):
 
 
 def test_preset_loads():
-    from diffusion_unlearn.config import ForgetConfig, _flatten_yaml, build_config, load_yaml, preset_path
+    from diffusion_unlearn.config import ForgetConfig, build_config, preset_path, yaml_values
 
-    cfg = build_config(ForgetConfig, _flatten_yaml(ForgetConfig, load_yaml(preset_path("dit-xl2-imagenet-sfron-dual"))))
-    assert (cfg.batch_size, cfg.iterations, cfg.forget_lr, cfg.retain_lr, cfg.adaptive_lambda, cfg.clip_retain) == (
-        1, 500, 5e-5, 5e-5, 0.0, False)
-    assert cfg.cfg_dropout_in_forget_loss and cfg.sampler.sampler == "ddpm" and cfg.grid_classes.startswith("207")
+    cfg = build_config(ForgetConfig, yaml_values(ForgetConfig, preset_path("dit-xl2-imagenet-sfron-dual")))
+    assert (cfg.batch_size, cfg.iterations, cfg.forget_optimizer.lr, cfg.retain_optimizer.lr,
+            cfg.method_args["adaptive_lambda"], cfg.clip_retain) == (1, 500, 5e-5, 5e-5, 0.0, False)
+    assert cfg.method_args["cfg_dropout_in_forget_loss"] and cfg.sampler.sampler == "ddpm"
+    assert cfg.grid_classes.startswith("207")
 
 
 def test_forget_with_a_reference_dit_mask(dit_folder, data, tmp_path):

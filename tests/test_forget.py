@@ -1,16 +1,19 @@
 """End to end on a tiny model: forget writes every output; a killed run resumes bitwise; bad input fails fast."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_unlearn.config import ForgetConfig, MaskConfig, SamplerConfig
+from diffusion_unlearn.config import (ForgetConfig, MaskConfig, SamplerConfig, build_config, config_to_dict,
+                                      yaml_values)
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
 from diffusion_unlearn.saliency import load_mask, mask_metadata
+from diffusion_unlearn.sampler_defaults import resolve_sampler
 from diffusion_unlearn.unlearn import forget, mask
 
 
@@ -21,15 +24,20 @@ def _cfg(model, out, **kw):
                 fisher_batch_size=64, fisher_max_batches=2, checkpoint_every=1, grid_per_class=2,
                 sampler=SamplerConfig(steps=2, sample_batch_size=64))
     base.update(kw)
-    return ForgetConfig(**base)
+    return build_config(ForgetConfig, base)
 
 
 def test_forget_writes_every_output(tiny_model, tmp_path):
-    result = forget(_cfg(tiny_model, tmp_path / "run"))
+    cfg = _cfg(tiny_model, tmp_path / "run")
+    result = forget(cfg)
     run = tmp_path / "run"
     for name in ("model/model_index.json", "model/diffusion_unlearn.json", "mask.safetensors", "config.yaml",
                  "log.jsonl", "optimizers.pt", "ema.safetensors", "grid-before.png", "grid-after.png"):
         assert (run / name).exists(), name
+    # config.yaml is the whole resolved config: `--config` builds it back (the sampler resolved for the model)
+    again = build_config(ForgetConfig, yaml_values(ForgetConfig, run / "config.yaml"))
+    assert again == replace(cfg, sampler=resolve_sampler(cfg.sampler, "ddpm", "grid"))
+    assert config_to_dict(again) == result["config"]
     assert not (run / "state.pt").exists()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [0, 1, 2, 3]
@@ -146,8 +154,8 @@ def test_dataset_shape_mismatch(tmp_path):
 
 
 def test_mask_command_and_reuse(tiny_model, tmp_path):
-    cfg = MaskConfig(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
-                     fisher_batch_size=64, fisher_max_batches=1)
+    cfg = build_config(MaskConfig, dict(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
+                                        fisher_batch_size=64, fisher_max_batches=1))
     out = mask(cfg)
     meta = mask_metadata(tmp_path / "m.safetensors")
     assert meta["gamma"] == 3.0 and meta["forget_class"] == 3 and meta["density"] == pytest.approx(out["density"])

@@ -249,8 +249,8 @@ def test_split_adam_equals_two_adams_when_all_split_and_one_when_none():
 
 
 def test_per_side_optimizer_settings_reach_the_optimizers(tiny_model):
-    cfg = ForgetConfig(forget_optim="adam", forget_betas=(0.8, 0.99), retain_optim="sgd", retain_momentum=0.5,
-                       retain_lr=3e-3, momentum=0.7)
+    cfg = build_config(ForgetConfig, dict(forget_optim="adam", forget_betas=(0.8, 0.99), retain_optim="sgd",
+                                          retain_momentum=0.5, retain_lr=3e-3, momentum=0.7))
     data = load_dataset("digits")
     learner = Unlearner(cfg, DDPMBackbone(load_model_folder(tiny_model).unet), *forget_retain_split(data, 0), None,
                         Accelerator(cpu=True))
@@ -259,21 +259,24 @@ def test_per_side_optimizer_settings_reach_the_optimizers(tiny_model):
     assert isinstance(learner.optim.forget_optimizer, torch.optim.Adam) and forget_group["betas"] == (0.8, 0.99)
     assert isinstance(learner.optim.retain_optimizer, torch.optim.SGD)
     assert retain_group["momentum"] == 0.5 and retain_group["lr"] == 3e-3
-    default = optimizer_spec(ForgetConfig(betas=(0.5, 0.9), momentum=0.7, forget_momentum=0.0), "forget")
+    both = dict(betas=(0.5, 0.9), momentum=0.7, forget_momentum=0.0)
+    default = optimizer_spec(build_config(ForgetConfig, both), "forget")
     assert default.betas == (0.5, 0.9) and default.momentum == 0.0  # a side's own value, else the shared one
-    assert optimizer_spec(ForgetConfig(momentum=0.7), "retain").momentum == 0.7
+    assert optimizer_spec(build_config(ForgetConfig, {"momentum": 0.7}), "retain").momentum == 0.7
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
+SA_TINY = dict(sa_samples_per_class=2, sa_fisher_timesteps=3, sa_fisher_chunk=2)  # SA's own arguments
+
+
 def _cfg(model, out, **kw):
     base = dict(model=str(model), dataset="digits", forget_class=3, out=str(out), iterations=2, batch_size=16,
                 fisher_batch_size=64, fisher_max_batches=1, checkpoint_every=1, grid_per_class=1,
-                sa_samples_per_class=2, sa_fisher_timesteps=3, sa_fisher_chunk=2,
-                sampler=SamplerConfig(steps=2, sample_batch_size=64))
+                sampler=SamplerConfig(steps=2, sample_batch_size=64), **(SA_TINY if kw.get("method") == "sa" else {}))
     base.update(kw)
-    return ForgetConfig(**base)
+    return build_config(ForgetConfig, base)
 
 
 def _weights(folder):
@@ -335,8 +338,9 @@ def test_sa_resumes_bitwise_reusing_its_replay_and_fisher(tiny_model, tmp_path, 
 
 
 def test_mask_command_makes_a_topk_mask(tiny_model, tmp_path):
-    out = mask(MaskConfig(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"), kind="topk",
-                          topk_fraction=0.25, fisher_batch_size=64, fisher_max_batches=1))
+    out = mask(build_config(MaskConfig, dict(model=str(tiny_model), forget_class=3, out=str(tmp_path / "m.safetensors"),
+                                             kind="topk", topk_fraction=0.25, fisher_batch_size=64,
+                                             fisher_max_batches=1)))
     meta = mask_metadata(tmp_path / "m.safetensors")
     assert meta["kind"] == "topk" and meta["topk_fraction"] == 0.25 and out["density"] == pytest.approx(0.25, abs=1e-6)
 

@@ -7,16 +7,17 @@ import csv
 import json
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from diffusion_unlearn.cli import main
-from diffusion_unlearn.config import StudyConfig
+from diffusion_unlearn.config import SamplerConfig, StudyConfig, build_config
 from diffusion_unlearn.eval.study_report import mean_std, summarise
 from diffusion_unlearn.fileio import UserError, read_json
 from diffusion_unlearn.modelfolder import load_model_folder, save_model_folder
-from diffusion_unlearn.study import Cell, forget_config, iterations_per_method, plan_cells
+from diffusion_unlearn.study import Cell, Evaluator, forget_config, iterations_per_method, plan_cells
 
 # Small, fast method settings for the tiny model (the digits presets' methods, at toy size).
 TINY_PRESETS = {
@@ -82,13 +83,42 @@ def test_cell_settings_follow_the_preset_and_the_setup(tmp_path):
     assert (sa_dual.optim, sa_dual.schedule) == ("dual", "alternate")  # DualOptim needs alternating steps
     assert (sa_shared.optim, sa_shared.schedule) == ("shared", "joint")  # SA as published
     assert sa_dual.iterations == sa_shared.iterations == 11 and sa_dual.batch_size == 32
-    assert sa_dual.ewc_lambda == 1.0 and sa_dual.forget_class == 3 and sa_dual.seed == 1  # from digits-sa.yaml
+    assert sa_dual.method_args["ewc_lambda"] == 1.0  # from digits-sa.yaml
+    assert sa_dual.forget_class == 3 and sa_dual.seed == 1
     sfron = forget_config(cfg, Cell("sfron", "dual", 0, 0), tmp_path)
     assert sfron.iterations == 150 and sfron.alpha_schedule == "cosine"  # digits-sfron.yaml, not overridden
     # an lr sweep moves the forget lr of dual and the one lr of shared
-    assert forget_config(cfg, Cell("salun", "dual", 0, 0, 3e-4), tmp_path).forget_lr == 3e-4
+    assert forget_config(cfg, Cell("salun", "dual", 0, 0, 3e-4), tmp_path).forget_optimizer.lr == 3e-4
     shared = forget_config(cfg, Cell("salun", "shared", 0, 0, 3e-4), tmp_path)
-    assert shared.retain_lr == 3e-4 and shared.forget_lr == 4e-5
+    assert shared.retain_optimizer.lr == 3e-4 and shared.forget_optimizer.lr == 4e-5
+
+
+def test_cells_keep_their_presets_sampler_except_the_fields_set(tmp_path):
+    (tmp_path / "p-sfron.yaml").write_text(yaml.safe_dump(
+        {"method": "sfron", "sampler": {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.0,
+                                        "sample_batch_size": 32}}))
+    prefix = f"{tmp_path}/p-"
+    kept = forget_config(StudyConfig(model="m", preset_prefix=prefix), Cell("sfron", "dual", 0, 0), tmp_path)
+    assert kept.sampler == SamplerConfig(sampler="ddpm", steps=20, guidance_scale=4.0, sample_batch_size=32)
+    study = build_config(StudyConfig, {"model": "m", "preset_prefix": prefix, "guidance_scale": 2.0, "eta": 1.0})
+    cell = forget_config(study, Cell("sfron", "dual", 0, 0), tmp_path).sampler
+    assert (cell.sampler, cell.steps, cell.guidance_scale, cell.eta, cell.sample_batch_size) == \
+        ("ddpm", 20, 2.0, 1.0, 32)
+
+
+def test_evaluator_passes_the_fid_protocol_and_reference_count(monkeypatch):
+    seen = {}
+
+    def fake_metrics(*args, **kw):
+        seen.update(kw)
+        return dict.fromkeys(("fa", "retain_accuracy", "fid", "forget_mean_prob", "fid_reference_count",
+                              "fid_feature_extractor"), 0.0)
+
+    monkeypatch.setattr("diffusion_unlearn.study.sample_metrics", fake_metrics)
+    cfg = build_config(StudyConfig, {"fid_protocol": "legacy", "fid_reference_count": 123, "device": "cpu",
+                                     "fid_extractor": "inception"})
+    Evaluator(cfg, SimpleNamespace(channels=3), None)(None, 0)
+    assert (seen["fid_protocol"], seen["reference_count"]) == ("legacy", 123)
 
 
 # ----------------------------------------------------------------------------- statistics

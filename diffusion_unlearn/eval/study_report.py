@@ -174,7 +174,7 @@ def protocol_lines(cfg, results: list[dict], sample_scores: dict) -> list[str]:
         f"model `{cfg.model}`, dataset {cfg.dataset}, classifier `{cfg.classifier}`; presets `{cfg.preset_prefix}"
         "<method>.yaml`",
         f"sampler {s.sampler} {s.steps} steps (η={s.eta:g}), guidance s={s.guidance_scale:g} (lineage w="
-        f"{s.guidance_scale - 1:g}), sampler seed {s.seed}",
+        f"{s.guidance_scale - 1:g}), sampler seed {s.sample_seed}",
         f"final scores: FA on {cfg.fa_samples} samples of the forgotten class; retained accuracy and FID on "
         f"{cfg.retain_samples_per_class} samples per retained class vs {sample_scores.get('fid_reference_count')} "
         f"real images ({sample_scores.get('fid_feature_extractor')})",

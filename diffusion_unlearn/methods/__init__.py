@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from diffusion_unlearn.config import CONFIG_DIR, ForgetConfig, _flat_values, build_config, load_yaml, yaml_values
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, build_config, load_yaml, option_values,
+                                      yaml_values)
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, RandomLabel
 from diffusion_unlearn.methods.sa import SelectiveAmnesia
@@ -28,7 +29,7 @@ class MethodsConfig:
     """List the forget methods: the paper each comes from, its mask and forget loss, and its presets."""
 
 
-SHARED_FIELDS = {f.name for f in dataclasses.fields(Method)} | {"forget_class", "sampler", "seed"}
+SHARED_FIELDS = {f.name for f in dataclasses.fields(Method)}  # every method's arguments: not listed per method
 MASK_RULES = {"fisher-ratio": "gamma", "topk": "topk_fraction"}
 
 
@@ -36,27 +37,28 @@ def _settings(values: dict, keys) -> str:
     return " ".join(f"{k}={values[k]}" for k in keys)
 
 
-def _preset_changes(path) -> str:
-    """The settings a preset changes from the ForgetConfig defaults."""
-    defaults = _flat_values(ForgetConfig())
-    preset = _flat_values(build_config(ForgetConfig, yaml_values(ForgetConfig, path)))
+def _preset_changes(path, method: str) -> str:
+    """The settings a preset changes from the ForgetConfig defaults of its method."""
+    defaults = option_values(build_config(ForgetConfig, {"method": method}))
+    preset = option_values(build_config(ForgetConfig, yaml_values(ForgetConfig, path)))
     return _settings(preset, [k for k, v in preset.items() if v != defaults[k] and k != "method"]) or "the defaults"
 
 
 def list_methods(cfg: MethodsConfig) -> str:
     """The `methods` subcommand: one Markdown table row per method and preset."""
-    defaults = _flat_values(ForgetConfig())
+    mask_defaults = dataclasses.asdict(MaskSettings())
     presets = sorted(CONFIG_DIR.glob("*.yaml"))
     rows = ["| method | paper | mask | forget loss | its settings (defaults) | preset: changes to the defaults |",
             "|---|---|---|---|---|---|"]
     for name, method in METHODS.items():
-        own = [f.name for f in dataclasses.fields(method) if f.name not in SHARED_FIELDS]
+        defaults = {**method.validate_args({}), **mask_defaults}
+        own = [name for name in method.arguments() if name not in SHARED_FIELDS]
         if method.mask_kind:
             own.append(MASK_RULES[method.mask_kind])
         mask = f"{method.mask_kind}{', retain grads too' if method.mask_retain else ''}" if method.mask_kind else "none"
         loss = method.forget_loss.__doc__.splitlines()[0] if method.forget_loss else "none (retain steps only)"
         mine = [p for p in presets if load_yaml(p).get("method") == name]
-        changes = [f"{p.stem}: {_preset_changes(p)}" for p in mine] or ["none"]
+        changes = [f"{p.stem}: {_preset_changes(p, name)}" for p in mine] or ["none"]
         rows += [f"| {name} | {method.paper} | {mask} | {loss} | {_settings(defaults, own) or '–'} | {c} |"
                  for c in changes]
     return "\n".join(rows)

@@ -1,9 +1,10 @@
 """What every forget method shares: its declaration to the loop and the retain loss most methods use.
 
-A method is a small dataclass whose fields are named like the ForgetConfig fields they take (`from_config`).
-It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency mask `forget()` builds), `mask_retain`
-(whether retain gradients are masked too) and `forget_loss` (None: no forget steps). `prepare` may cache
-artefacts beside the run and choose the data the retain steps draw from.
+A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated here
+against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
+takes from the run (`from_config`). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
+mask `forget()` builds), `mask_retain` (whether retain gradients are masked too) and `forget_loss` (None: no
+forget steps). `prepare` may cache artefacts beside the run and choose the data the retain steps draw from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from typing import ClassVar
 
 import torch
 
+from diffusion_unlearn.config import validate
 from diffusion_unlearn.data import ImageDataset
+from diffusion_unlearn.fileio import UserError
+
+RUN_FIELDS = ("forget_class", "sampler", "seed")  # method fields set from the run's config, not method_args
 
 
 @dataclass
@@ -30,9 +35,26 @@ class Method:
     mask_retain: ClassVar[bool] = False
 
     @classmethod
+    def arguments(cls) -> list[str]:
+        """The method's own arguments: the keys of `method_args`."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in RUN_FIELDS]
+
+    @classmethod
+    def validate_args(cls, args: dict) -> dict:
+        """`args` checked against the method's fields and completed with their defaults; else a UserError."""
+        valid = cls.arguments()
+        unknown = [k for k in args if k not in valid]
+        if unknown:
+            raise UserError(f"method_args.{unknown[0]}: method {cls.name!r} has no such argument; its arguments: "
+                            f"{', '.join(valid)}")
+        made = validate(cls, args, prefix="method_args.")
+        return {k: getattr(made, k) for k in valid}
+
+    @classmethod
     def from_config(cls, cfg) -> Method:
-        """The method configured from the ForgetConfig fields of the same names."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        """The method configured from a ForgetConfig: its `method_args` and the run's `RUN_FIELDS`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**cfg.method_args, **{k: getattr(cfg, k) for k in RUN_FIELDS if k in names})
 
     @property
     def forget_dropout(self) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import PositiveInt
 from safetensors.torch import load_file, save_file
 
 from diffusion_unlearn.config import SamplerConfig
@@ -41,11 +42,11 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 @dataclass
 class SelectiveAmnesia(Method):
     forget_class: int = 0
-    ewc_lambda: float = 10.0
-    sa_samples_per_class: int = 500
-    sa_fisher_timesteps: int = 1000
-    sa_fisher_chunk: int = 50
-    sa_fisher_as_reference: bool = False
+    ewc_lambda: float = 10.0  # EWC weight λ
+    sa_samples_per_class: PositiveInt = 500  # replay: generated images per class (all feed the Fisher)
+    sa_fisher_timesteps: PositiveInt = 1000  # Fisher: diffusion steps summed per sample (evenly spaced)
+    sa_fisher_chunk: PositiveInt = 50  # Fisher: steps per forward pass
+    sa_fisher_as_reference: bool = False  # reference quirk (§2.3): Fisher on [0, 1] images, 10 % label dropout
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
 

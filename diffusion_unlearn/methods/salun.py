@@ -14,6 +14,7 @@ joint loop clips before masking (§7.4); ours masks first, as every other path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,7 +31,7 @@ def pseudo_labels(labels: torch.Tensor, num_classes: int, rule: str) -> torch.Te
 
 @dataclass
 class SalUn(Method):
-    salun_label: str = "next"
+    salun_label: Literal["next", "random"] = "next"  # pseudo label: (c+1) mod K (reference) or random c' ≠ c
 
     name = "salun"
     paper = "Fan et al., SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency (ICLR 2024)"

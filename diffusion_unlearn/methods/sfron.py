@@ -22,7 +22,7 @@ def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
 
 @dataclass
 class SFRon(Method):
-    adaptive_lambda: float = 0.5
+    adaptive_lambda: float = 0.5  # λ of adaptive gradient ascent
 
     name = "sfron"
     paper = "Huang et al., Unified Gradient-Based Machine Unlearning with Remain Geometry Enhancement (NeurIPS 2024)"
