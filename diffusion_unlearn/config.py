@@ -37,11 +37,15 @@ class SamplerConfig:
         default=None, metadata={"help": "unset: 3 on DDPM models; on DiT 1.5 (eval, sample --out-dir), 4 (grids)"})
     sample_batch_size: int = 500
     seed: int = 0
+    sampling_precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"help": "the denoiser's precision while sampling; bf16: autocast, CUDA only; "
+                                          "auto: fp32, except bf16 for DiT grids on CUDA"})
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
                 "guidance_scale": self.guidance_scale, "guidance_w": self.guidance_scale - 1.0,
-                "guidance_convention": "eps_u + s*(eps_c - eps_u); lineage w = s - 1", "seed": self.seed}
+                "guidance_convention": "eps_u + s*(eps_c - eps_u); lineage w = s - 1", "seed": self.seed,
+                "sampling_precision": self.sampling_precision}
 
 
 @dataclass
@@ -179,11 +183,12 @@ class ForgetConfig:
 
 # What `--protocol NAME` sets, beneath any option given explicitly (preset, --config or flag). `paper` is the
 # lineage's evaluation: generalized (DDIM-form) sampler with η = 1 over all 1000 steps, w = 2 (s = 3) (reference
-# §1.5); 500 forgotten-class samples for FA (§5.1); 5000 samples per retained class for FID (§5.2).
+# §1.5), in float32 as the published samplers run; 500 forgotten-class samples for FA (§5.1); 5000 samples per
+# retained class for FID (§5.2).
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {"sampler": "ddim", "steps": 1000, "eta": 1.0, "guidance_scale": 3.0, "fa_samples": 500,
-              "retain_samples_per_class": 5000},
+    "paper": {"sampler": "ddim", "steps": 1000, "eta": 1.0, "guidance_scale": 3.0, "sampling_precision": "fp32",
+              "fa_samples": 500, "retain_samples_per_class": 5000},
 }
 Protocol = Literal["default", "paper"]
 

@@ -309,10 +309,11 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
                         ".cache/diffusion-unlearn/digits-classifier)")
     if cfg.curve_every < 1 or cfg.jobs < 1:
         raise UserError("--curve-every and --jobs must be at least 1")
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    loaded = load_model_folder(cfg.model, device)
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, 0)
-    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval", device))
     check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":
         find_inception_weights(cfg.fid_weights)
