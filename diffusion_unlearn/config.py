@@ -160,6 +160,7 @@ class ForgetConfig:
     sa_fisher_timesteps: int = 1000  # SA Fisher: diffusion steps summed per sample (evenly spaced)
     sa_fisher_chunk: int = 50  # SA Fisher: steps per forward pass
     sa_fisher_as_reference: bool = False  # reference quirk (§2.3): SA Fisher on [0, 1] images, 10 % label dropout
+    sa_fisher: str | None = None  # SA: an imported Fisher (`convert --from lineage-sa-fisher`) instead of computing one
     grid_per_class: int = 8
     grid_classes: str = "all"  # rows of the before/after grids: 'all', '0,3,5' or '0-9'
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -231,7 +232,8 @@ class EvalConfig:
 
 @dataclass
 class ConvertConfig:
-    """Import the lineage's files: a DDPM `ckpt.pth` → model folder, or a mask / Fisher `.pt` → mask file.
+    """Import the lineage's files: a DDPM `ckpt.pth` → model folder, or a mask / Fisher `.pt` → mask file, or
+    SA's `fisher_dict.pkl` → an SA Fisher file for `forget --method sa --sa-fisher FILE`.
     DiT: `--from dit-original CKPT --vae VAE_FOLDER --model DiT-XL/2` (the original's `.pt`, a training
     checkpoint's `ema`, or the reference unlearning's `{"model", "args"}`), `--from diffusers-dit FOLDER`
     (`facebook/DiT-XL-2-256` layout) → model folder; `--to dit-original` / `--to diffusers-dit` export one of our
@@ -239,7 +241,7 @@ class ConvertConfig:
     from the original's by up to ~0.04 (docs/dit.md); our own folders and the original `.pt` are exact."""
 
     path: str = field(default="", metadata={"positional": True, "help": "the file or folder to import or export"})
-    from_format: Literal["lineage-ddpm", "lineage-mask", "dit-original", "diffusers-dit"] = field(
+    from_format: Literal["lineage-ddpm", "lineage-mask", "lineage-sa-fisher", "dit-original", "diffusers-dit"] = field(
         default="lineage-ddpm", metadata={"flag": "--from"})
     to_format: Literal["model-folder", "dit-original", "diffusers-dit"] = field(
         default="model-folder", metadata={"flag": "--to"})  # not model-folder: PATH is our DiT folder to export
