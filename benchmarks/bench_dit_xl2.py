@@ -286,7 +286,8 @@ def measure_sampler(args) -> dict:
                         sample_size=256, scaling_factor=SD_VAE_SCALING).to(device).eval()
     pipe = ClassConditionalDiTPipeline(transformer=model, vae=vae, scheduler=dit_training_scheduler())
     labels = torch.arange(args.sample_images) % 1000
-    kw = dict(sampler="ddpm", guidance_scale=1.5, batch_size=args.sample_images, progress=False)
+    kw = dict(sampler="ddpm", guidance_scale=1.5, batch_size=args.sample_images, progress=False,
+              precision="bf16" if device.startswith("cuda") else "fp32")
     pipe(labels[:2], num_inference_steps=2, **kw)  # warm-up
     sync(device)
     if device.startswith("cuda"):

@@ -59,12 +59,15 @@ class SamplerConfig:
         default=None, metadata={"help": "unset: 3 on DDPM models; on DiT 1.5 (eval, sample --out-dir), 4 (grids)"})
     sample_batch_size: PositiveInt = 500
     sample_seed: int = 0
+    sampling_precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"help": "the denoiser's precision while sampling; bf16: autocast, CUDA only; "
+                                          "auto: fp32, except bf16 for DiT grids on CUDA"})
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
                 "guidance_scale": self.guidance_scale, "guidance_w": self.guidance_scale - 1.0,
                 "guidance_convention": "eps_u + s*(eps_c - eps_u); lineage w = s - 1",
-                "sample_seed": self.sample_seed}
+                "sample_seed": self.sample_seed, "sampling_precision": self.sampling_precision}
 
 
 @config_class
@@ -220,12 +223,13 @@ class ForgetConfig:
 
 # What `--protocol NAME` sets, beneath any option given explicitly (preset, --config or flag). `paper` is the
 # lineage's evaluation: generalized (DDIM-form) sampler with η = 1 over all 1000 steps, w = 2 (s = 3) (reference
-# §1.5); 500 forgotten-class samples for FA (§5.1); 5000 samples per retained class for FID (§5.2). Keys are flat
-# option names, resolved through each config's alias table (keys a config lacks are skipped).
+# §1.5), in float32 as the published samplers run; 500 forgotten-class samples for FA (§5.1); 5000 samples per
+# retained class for FID (§5.2). Keys are flat option names, resolved through each config's alias table (keys a
+# config lacks are skipped).
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {"sampler": "ddim", "steps": 1000, "eta": 1.0, "guidance_scale": 3.0, "fa_samples": 500,
-              "retain_samples_per_class": 5000},
+    "paper": {"sampler": "ddim", "steps": 1000, "eta": 1.0, "guidance_scale": 3.0, "sampling_precision": "fp32",
+              "fa_samples": 500, "retain_samples_per_class": 5000},
 }
 Protocol = Literal["default", "paper"]
 
@@ -272,7 +276,8 @@ class EvalConfig:
 
 @config_class
 class ConvertConfig:
-    """Import the lineage's files: a DDPM `ckpt.pth` → model folder, or a mask / Fisher `.pt` → mask file.
+    """Import the lineage's files: a DDPM `ckpt.pth` → model folder, or a mask / Fisher `.pt` → mask file, or
+    SA's `fisher_dict.pkl` → an SA Fisher file for `forget --method sa --sa-fisher FILE`.
     DiT: `--from dit-original CKPT --vae VAE_FOLDER --model DiT-XL/2` (the original's `.pt`, a training
     checkpoint's `ema`, or the reference unlearning's `{"model", "args"}`), `--from diffusers-dit FOLDER`
     (`facebook/DiT-XL-2-256` layout) → model folder; `--to dit-original` / `--to diffusers-dit` export one of our
@@ -280,7 +285,7 @@ class ConvertConfig:
     from the original's by up to ~0.04 (docs/dit.md); our own folders and the original `.pt` are exact."""
 
     path: str = field(default="", metadata={"positional": True, "help": "the file or folder to import or export"})
-    from_format: Literal["lineage-ddpm", "lineage-mask", "dit-original", "diffusers-dit"] = field(
+    from_format: Literal["lineage-ddpm", "lineage-mask", "lineage-sa-fisher", "dit-original", "diffusers-dit"] = field(
         default="lineage-ddpm", metadata={"flag": "--from"})
     to_format: Literal["model-folder", "dit-original", "diffusers-dit"] = field(
         default="model-folder", metadata={"flag": "--to"})  # not model-folder: PATH is our DiT folder to export

@@ -5,6 +5,9 @@
   and sample with) or `--weights ema`.
 - `--from lineage-mask FILE`: SFRon's bool `fisher_<γ>.pt` or SalUn's int64 `with_0.5.pt` → our mask file; a
   Fisher diagonal `forget_fisher.pt` with `--remain-fisher remain_fisher.pt` → the ratio mask at `--gamma`.
+- `--from lineage-sa-fisher fisher_dict.pkl`: Selective Amnesia's Fisher diagonal (§2.3; a plain `pickle.dump` of
+  CUDA tensors) → an SA Fisher `.safetensors` for `forget --method sa --sa-fisher FILE`, read by a restricted
+  unpickler (`pickled_tensors`) on the CPU: no `--trust-pickle`, no GPU.
 
 DiT (docs/dit.md): `--from dit-original CKPT --vae VAE --model DiT-XL/2` (original `.pt`, `{"ema"}`, or the
 reference unlearning's `{"model", "args"}`, whose `args.model` gives the size) and `--from diffusers-dit FOLDER`
@@ -22,12 +25,14 @@ from pathlib import Path
 from diffusers import AutoencoderKL
 
 from diffusion_unlearn.config import ConvertConfig
-from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.fileio import UserError, strip_prefix
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from diffusion_unlearn.models.convert_dit import (export_diffusers_pipeline, load_diffusers_dit_folder,
                                                   load_original_dit, save_original_dit)
 from diffusion_unlearn.models.convert_lineage import read_lineage_checkpoint, unet_from_lineage_state_dict
 from diffusion_unlearn.models.unet_lineage import UNET_PRESETS
+from diffusion_unlearn.pickled_tensors import load_tensor_pickle
+from diffusion_unlearn.methods.sa import save_fisher
 from diffusion_unlearn.saliency import Mask, mask_density, ratio_mask, read_tensor_file, save_mask
 
 # torchvision/CIFAR-10 `batches.meta` order, the label order of every lineage CIFAR-10 run (§1.7).
@@ -130,6 +135,19 @@ def lineage_mask(cfg: ConvertConfig) -> Mask:
     return ratio_mask(tensors, remain, cfg.gamma)
 
 
+def convert_sa_fisher(cfg: ConvertConfig) -> dict:
+    """SA's `fisher_dict.pkl` → an SA Fisher file at `cfg.out`: `module.` stripped (the lineage U-Net's names are
+    ours), every entry a non-negative floating tensor on the CPU."""
+    if not cfg.out.endswith(".safetensors"):
+        raise UserError(f"--out {cfg.out!r}: an SA Fisher is written as .safetensors; e.g. --out sa_fisher.safetensors")
+    fisher = strip_prefix(load_tensor_pickle(cfg.path))
+    bad = [k for k, v in fisher.items() if not v.is_floating_point() or bool((v < 0).any())]
+    if bad:
+        raise UserError(f"{cfg.path} is not a Fisher diagonal: {bad[0]} is not a non-negative floating tensor")
+    save_fisher(fisher, cfg.out, source=str(Path(cfg.path).resolve()))
+    return {"out": cfg.out, "tensors": len(fisher), "parameters": sum(v.numel() for v in fisher.values())}
+
+
 def convert(cfg: ConvertConfig) -> dict:
     """The `convert` subcommand."""
     if not cfg.path or not cfg.out:
@@ -140,6 +158,8 @@ def convert(cfg: ConvertConfig) -> dict:
         return convert_dit(cfg)
     if cfg.from_format == "lineage-ddpm":
         return convert_checkpoint(cfg)
+    if cfg.from_format == "lineage-sa-fisher":
+        return convert_sa_fisher(cfg)
     mask = lineage_mask(cfg)
     metadata = {"kind": "lineage-import", "source": str(Path(cfg.path).resolve()),
                 **({"remain_fisher": str(Path(cfg.remain_fisher).resolve()), "gamma": cfg.gamma}

@@ -48,13 +48,15 @@ def class_sample_plan(classes: Sequence[int], per_class: int) -> tuple[torch.Ten
 def generate(pipeline: Pipeline, classes: Sequence[int], per_class: int, sampler: SamplerConfig,
              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`per_class` guided samples of each class: images (N, C, H, W) in [-1, 1], labels, indices. On a DiT,
-    `sampler.sampler` "ddpm" is the paper-faithful respaced ancestral sampler, "ddim" the fast DDIM one."""
+    `sampler.sampler` "ddpm" is the paper-faithful respaced ancestral sampler, "ddim" the fast DDIM one. A sampling
+    precision left `auto` (a sampler not passed through `resolve_sampler`) samples in float32."""
     if not is_resolved(sampler):
         raise ValueError(f"sampler {sampler} has unset fields; fill them with resolve_sampler(...) first")
     labels, indices = class_sample_plan(classes, per_class)
+    precision = "fp32" if sampler.sampling_precision == "auto" else sampler.sampling_precision
     images = pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
                       sampler=sampler.sampler, eta=sampler.eta, seed=sampler.sample_seed, indices=indices,
-                      batch_size=sampler.sample_batch_size, progress=progress)
+                      batch_size=sampler.sample_batch_size, precision=precision, progress=progress)
     return images, labels, indices
 
 
@@ -67,8 +69,10 @@ def class_grid(pipeline: Pipeline, class_names: Sequence[str], classes: Sequence
 def sample(cfg: SampleConfig) -> dict:
     if not cfg.grid and not cfg.out_dir:
         raise UserError("nothing to write: pass --grid FILE.png and/or --out-dir DIR")
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid" if cfg.grid else "eval"))
+    device = resolve_device(cfg.device)
+    loaded = load_model_folder(cfg.model, device)
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid" if cfg.grid else "eval",
+                                               device))
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
     images, labels, indices = generate(loaded.pipeline, classes, cfg.per_class, cfg.sampler)
     record = {"model": str(cfg.model), "classes": classes, "per_class": cfg.per_class, "protocol": cfg.protocol,

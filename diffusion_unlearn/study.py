@@ -160,7 +160,7 @@ class Evaluator:
 
 
 def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evaluator:
-    resolved = replace(cfg, sampler=resolve_sampler(cfg.sampler, backbone, "eval"))
+    resolved = replace(cfg, sampler=resolve_sampler(cfg.sampler, backbone, "eval", resolve_device(cfg.device)))
     return Evaluator(resolved, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
 
 
@@ -222,7 +222,8 @@ def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: Load
             folder = art.files[0].parent
             folder.mkdir(parents=True, exist_ok=True)
             fc = forget_config(cfg, cell, folder)
-            fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid"))  # as `forget` does
+            fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid",  # as `forget` does
+                                                     resolve_device(cfg.device)))
             build_method(fc).prepare(loaded.backbone(), forget_set, retain_set, folder)
 
 

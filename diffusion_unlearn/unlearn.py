@@ -234,7 +234,8 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
         raise UserError(f"{out} already holds a finished run; choose another --out")
     accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded = load_model_folder(model_dir, accelerator.device)
-    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid"))  # grids, SA replay
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid",  # grids, SA replay
+                                               accelerator.device))
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
     if cfg.latent_cache:

@@ -65,7 +65,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
-    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
+    cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval", device))
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, cfg.forget_class)
     clf = load_classifier(cfg.classifier, device)

@@ -7,7 +7,9 @@ Forget loss: L_simple on uniform-noise surrogates x̃ ~ U[−1, 1] labelled c_f.
 replay of the retained classes + λ·Σ_i F_i (θ_i − θ*_i)² (EWC). The reference takes one joint step on
 surrogate + replay + EWC without label dropout (preset `digits-sa`); `--optim dual --schedule alternate` is the
 dual variant: the surrogate loss in the forget step, replay + EWC in the retain step. The reference computes
-the Fisher on [0, 1] images with 10 % label dropout (§2.3, §7.10): `sa_fisher_as_reference`.
+the Fisher on [0, 1] images with 10 % label dropout (§2.3, §7.10): `sa_fisher_as_reference`. `sa_fisher`: a
+Fisher made elsewhere (e.g. SA's published `fisher_dict.pkl` through `convert --from lineage-sa-fisher`) instead
+of computing one; it must cover exactly the model's trainable parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
-from diffusion_unlearn.fileio import atomic_path
+from diffusion_unlearn.fileio import UserError, atomic_path
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
 
@@ -34,9 +36,32 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: Mask, anchor: Mask) -> 
     return sum(((p - anchor[n]).square() * fisher[n]).sum() for n, p in params.items())
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def save_fisher(fisher: Mask, path: str | Path, source: str) -> None:
+    """An SA Fisher diagonal as `.safetensors` (parameter name → F_i), its origin in the metadata."""
+    _save(fisher, Path(path), {"kind": "sa-fisher", "source": source})
+
+
+def load_fisher(path: str | Path, params: dict[str, torch.Tensor]) -> Mask:
+    """An SA Fisher file, checked to hold one tensor of the right shape per parameter of `params`, on their
+    device."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UserError(f"SA Fisher {path} is not a .safetensors file; import SA's fisher_dict.pkl with "
+                        "`diffusion-unlearn convert --from lineage-sa-fisher fisher_dict.pkl --out FILE.safetensors`")
+    fisher = load_file(str(path))
+    missing, extra = sorted(set(params) - set(fisher)), sorted(set(fisher) - set(params))
+    if missing or extra:
+        raise UserError(f"SA Fisher {path} does not match the model: {len(missing)} parameters without an entry "
+                        f"{missing[:1]}, {len(extra)} unknown entries {extra[:1]}; it was made for another model")
+    for n, p in params.items():
+        if fisher[n].shape != p.shape:
+            raise UserError(f"SA Fisher {path}: {n} has shape {tuple(fisher[n].shape)}, the model {tuple(p.shape)}")
+    return {n: fisher[n].to(p.device, p.dtype) for n, p in params.items()}
 
 
 @dataclass
@@ -47,6 +72,7 @@ class SelectiveAmnesia(Method):
     sa_fisher_timesteps: PositiveInt = 1000  # Fisher: diffusion steps summed per sample (evenly spaced)
     sa_fisher_chunk: PositiveInt = 50  # Fisher: steps per forward pass
     sa_fisher_as_reference: bool = False  # reference quirk (§2.3): Fisher on [0, 1] images, 10 % label dropout
+    sa_fisher: str | None = None  # an imported Fisher (`convert --from lineage-sa-fisher`) instead of computing one
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
 
@@ -56,13 +82,14 @@ class SelectiveAmnesia(Method):
 
     def prepare(self, backbone, forget_set: ImageDataset, retain_set: ImageDataset, out_dir: Path) -> ImageDataset:
         """Replay set, θ* and F; returns the replay of the retained classes (labels as generated)."""
-        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE)
         params = backbone.named_parameters()
+        self.fisher = load_fisher(self.sa_fisher, params) if self.sa_fisher else None  # a bad file fails first
+        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE)
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         device = next(iter(params.values())).device
-        if (out_dir / FISHER_FILE).exists():
+        if self.fisher is None and (out_dir / FISHER_FILE).exists():
             self.fisher = {n: f.to(device) for n, f in load_file(out_dir / FISHER_FILE).items()}
-        else:
+        elif self.fisher is None:
             images, labels = replay.get_batch(torch.arange(len(replay)))  # (N, C, H, W) in [-1, 1], (N,)
             quirk = self.sa_fisher_as_reference
             self.fisher = timestep_summed_fisher(

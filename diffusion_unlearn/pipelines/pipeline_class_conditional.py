@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffusion_unlearn.diffusion import NUM_TRAIN_TIMESTEPS, linear_betas
+from diffusion_unlearn.fileio import UserError
 # diffusers only loads a custom component class whose module is already imported: import ours here so
 # `ClassConditionalPipeline.from_pretrained(folder)` works in a fresh process.
 from diffusion_unlearn.models import unet_lineage  # noqa: F401
+
+
+Precision = Literal["fp32", "bf16"]  # the denoiser's precision while sampling (`--sampling-precision`)
+
+
+def bf16_autocast(precision: str, device: torch.device | str) -> bool:
+    """Whether sampling on `device` runs the denoiser under bf16 autocast. `bf16` is refused off CUDA: CPU
+    sampling stays float32 (bf16 there is slow and never what a published run used)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"sampling precision {precision!r} is unresolved; fill it with resolve_sampler(...) first")
+    if precision == "bf16" and torch.device(device).type != "cuda":
+        raise UserError(f"--sampling-precision bf16 needs a CUDA device, not {device}; "
+                        "use --sampling-precision fp32 (or auto)")
+    return precision == "bf16"
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -85,13 +100,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: Sequence[int] | torch.Tensor, *, guidance_scale: float = 3.0,
                  num_inference_steps: int = 50, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
-                 indices: Sequence[int] | None = None, batch_size: int = 500,
+                 indices: Sequence[int] | None = None, batch_size: int = 500, precision: Precision = "fp32",
                  progress: bool = True) -> torch.Tensor:
-        """Images in [-1, 1], (N, C, H, W) on the CPU. Image n uses the generator of `indices[n]`."""
+        """Images in [-1, 1], (N, C, H, W) on the CPU. Image n uses the generator of `indices[n]`.
+        `precision` "bf16": the U-Net under bf16 autocast (CUDA only), the scheduler steps in float32."""
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()  # (N,)
         indices = list(range(len(labels))) if indices is None else list(indices)
         unet = self.unet
         device = unet.device
+        bf16 = bf16_autocast(precision, device)
         scheduler = sampling_scheduler(self.scheduler.config, sampler)
         shape = unet_sample_shape(unet)
         null_class = unet_num_classes(unet)
@@ -107,7 +124,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             scheduler.set_timesteps(num_inference_steps)
             for t in scheduler.timesteps:
                 tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)  # (B,)
-                eps = guided_eps(unet, x, tt, y, guidance_scale, null_class)  # (B, C, H, W)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    eps = guided_eps(unet, x, tt, y, guidance_scale, null_class).float()  # (B, C, H, W)
                 step_kwargs = {"eta": eta} if sampler == "ddim" else {}
                 x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
                 bar.update(1)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from diffusion_unlearn.fileio import UserError
 # diffusers only loads a custom component class whose module is already imported.
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
-from diffusion_unlearn.pipelines.pipeline_class_conditional import image_generators
+from diffusion_unlearn.pipelines.pipeline_class_conditional import Precision, bf16_autocast, image_generators
 
 FID_GUIDANCE_SCALE = 1.5  # the original's sample_ddp.py
 GRID_GUIDANCE_SCALE = 4.0  # the original's sample.py
@@ -191,11 +191,10 @@ def dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels:
 
 
 def guided_dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float,
-                      null_class: int, guided_channels: int = GUIDED_CHANNELS) -> torch.Tensor:
+                      null_class: int, guided_channels: int = GUIDED_CHANNELS, bf16: bool = False) -> torch.Tensor:
     """The original's `forward_with_cfg` on one batch: ε_u + s(ε_c − ε_u) on the first `guided_channels`
     channels, every other channel (the rest of ε, the variance) from the conditional half; cond and null
-    halves in one batched forward; bf16 autocast on GPU."""
-    bf16 = x.device.type == "cuda"
+    halves in one batched forward; `bf16`: the model under bf16 autocast, the combination in float32."""
     if scale == 1.0:
         return dit_output(model, x, t, labels, bf16)
     out = dit_output(model, torch.cat([x, x]), torch.cat([t, t]),
@@ -228,8 +227,11 @@ class ClassConditionalDiTPipeline(DiffusionPipeline):
     def sample_latents(self, class_labels: Sequence[int] | torch.Tensor, *, guidance_scale: float = FID_GUIDANCE_SCALE,
                        num_inference_steps: int = 250, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
                        indices: Sequence[int] | None = None, batch_size: int = 64,
-                       guided_channels: int = GUIDED_CHANNELS, progress: bool = True) -> torch.Tensor:
-        """Latents (N, C, h, w) on the CPU; latent n uses the generator of `indices[n]` for all its noise."""
+                       guided_channels: int = GUIDED_CHANNELS, precision: Precision = "fp32",
+                       progress: bool = True) -> torch.Tensor:
+        """Latents (N, C, h, w) on the CPU; latent n uses the generator of `indices[n]` for all its noise.
+        `precision`: "fp32" as the original's `sample_ddp.py` (which also allows TF32 matmuls: torch's global
+        `allow_tf32` setting applies here), "bf16" the transformer under bf16 autocast (CUDA only)."""
         if sampler not in ("ddpm", "ddim"):
             raise UserError(f"unknown DiT sampler {sampler!r}; choose ddpm (paper-faithful) or ddim (fast)")
         model = self.transformer
@@ -238,6 +240,7 @@ class ClassConditionalDiTPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()  # (N,)
         indices = list(range(len(labels))) if indices is None else list(indices)
         device = model.device
+        bf16 = bf16_autocast(precision, device)
         diffusion = SpacedDiffusion.from_scheduler_config(self.scheduler.config, num_inference_steps)
         cfg = model.config
         shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -254,7 +257,7 @@ class ClassConditionalDiTPipeline(DiffusionPipeline):
             for i in reversed(range(diffusion.num_steps)):
                 t = torch.full((len(y),), i, device=device, dtype=torch.long)  # (B,) respaced index
                 output = guided_dit_output(model, x, diffusion.model_timesteps(t), y, guidance_scale, null_class,
-                                           guided_channels)  # (B, C_out, h, w)
+                                           guided_channels, bf16)  # (B, C_out, h, w)
                 noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, h, w)
                 if sampler == "ddpm":
                     x = diffusion.p_sample(output, x, t, noise)
