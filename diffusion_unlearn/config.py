@@ -76,6 +76,7 @@ class PretrainConfig:
     hflip: bool = False
     save_weights: Literal["ema", "raw"] = "ema"
     checkpoint_every: int = 500
+    restart: bool = False  # discard an unfinished or finished training in --out instead of resuming / reusing it
     seed: int = 0
     device: str = "auto"
 
@@ -167,6 +168,7 @@ class ForgetConfig:
     cache_dir: str = DEFAULT_CACHE
     gradient_checkpointing: bool = False  # recompute activations in backward (models that support it: DiT)
     mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the denoiser
+    restart: bool = False  # discard what an earlier run left in --out (state, mask, SA files, outputs) and start over
     seed: int = 0
     device: str = "auto"
 
@@ -283,6 +285,7 @@ class StudyConfig:
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20))
     jobs: int = 1  # cells run at once, each in its own process with cores/jobs threads
+    restart: bool = False  # discard the cells, shared files and scores an earlier study left in --out
     device: str = "auto"
 
 

@@ -3,7 +3,8 @@
 A method is a small dataclass whose fields are named like the ForgetConfig fields they take (`from_config`).
 It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency mask `forget()` builds), `mask_retain`
 (whether retain gradients are masked too) and `forget_loss` (None: no forget steps). `prepare` may cache
-artefacts beside the run and choose the data the retain steps draw from.
+artefacts beside the run (named in `artefacts`, each recording its provenance) and choose the data the retain
+steps draw from.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Method:
     paper: ClassVar[str]  # where the method comes from
     mask_kind: ClassVar[str | None] = None
     mask_retain: ClassVar[bool] = False
+    artefacts: ClassVar[tuple[str, ...]] = ()  # files `prepare` caches beside the run (removed by --restart)
 
     @classmethod
     def from_config(cls, cfg) -> Method:

@@ -2,7 +2,8 @@
 
 Before the loop, on the original weights θ*: the model's own samples of every class, generated once
 (`replay.safetensors` beside the run, uint8), and the Fisher diagonal over all of them, each sample's gradient
-summed over the diffusion steps before squaring (`sa_fisher.safetensors`). Both are reused on resume.
+summed over the diffusion steps before squaring (`sa_fisher.safetensors`). Both record what made them (sampler,
+counts, seeds, Fisher settings, the base weights' hash) and are reused only when that matches.
 Forget loss: L_simple on uniform-noise surrogates x̃ ~ U[−1, 1] labelled c_f. Retain loss: ρ·L_simple on the
 replay of the retained classes + λ·Σ_i F_i (θ_i − θ*_i)² (EWC). The reference takes one joint step on
 surrogate + replay + EWC without label dropout (preset `digits-sa`); `--optim dual --schedule alternate` is the
@@ -22,6 +23,7 @@ from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.fileio import atomic_path
 from diffusion_unlearn.methods.base import Method
+from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, weights_fingerprint
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
 
 REPLAY_FILE, FISHER_FILE = "replay.safetensors", "sa_fisher.safetensors"
@@ -33,9 +35,22 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: Mask, anchor: Mask) -> 
     return sum(((p - anchor[n]).square() * fisher[n]).sum() for n, p in params.items())
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, record: Provenance) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"provenance": record.to_json()})
+
+
+def _reusable(path: Path, record: Provenance) -> bool:
+    """Whether `path` exists; when it does, it must have been made as `record` says (else one-line UserError)."""
+    if not path.exists():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        on_disk = Provenance.from_json((f.metadata() or {}).get("provenance"))
+    check_reuse(on_disk, record, path)
+    return True
 
 
 @dataclass
@@ -50,16 +65,21 @@ class SelectiveAmnesia(Method):
     seed: int = 0
 
     name = "sa"
+    artefacts = (REPLAY_FILE, FISHER_FILE)
     paper = "Heng & Soh, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models " \
             "(NeurIPS 2023)"
 
     def prepare(self, backbone, forget_set: ImageDataset, retain_set: ImageDataset, out_dir: Path) -> ImageDataset:
         """Replay set, θ* and F; returns the replay of the retained classes (labels as generated)."""
-        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE)
         params = backbone.named_parameters()
+        replay_record = self.replay_record(params, forget_set.num_classes)
+        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE, replay_record)
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         device = next(iter(params.values())).device
-        if (out_dir / FISHER_FILE).exists():
+        fisher_record = Provenance("sa-fisher", {**replay_record.settings, "fisher_timesteps": self.sa_fisher_timesteps,
+                                                 "fisher_chunk": self.sa_fisher_chunk, "fisher_seed": self.seed,
+                                                 "fisher_as_reference": self.sa_fisher_as_reference})
+        if _reusable(out_dir / FISHER_FILE, fisher_record):
             self.fisher = {n: f.to(device) for n, f in load_file(out_dir / FISHER_FILE).items()}
         else:
             images, labels = replay.get_batch(torch.arange(len(replay)))  # (N, C, H, W) in [-1, 1], (N,)
@@ -68,16 +88,22 @@ class SelectiveAmnesia(Method):
                 backbone, ((images + 1) / 2 if quirk else images).to(device), labels.to(device),
                 timesteps=self.sa_fisher_timesteps, chunk=self.sa_fisher_chunk,
                 cfg_dropout=REFERENCE_FISHER_DROPOUT if quirk else 0.0, seed=self.seed)
-            _save(self.fisher, out_dir / FISHER_FILE)
+            _save(self.fisher, out_dir / FISHER_FILE, fisher_record)
         return replay.with_classes([c for c in range(replay.num_classes) if c != self.forget_class])
 
-    def replay_set(self, backbone, like: ImageDataset, path: Path) -> ImageDataset:
+    def replay_record(self, params: dict[str, torch.Tensor], num_classes: int) -> Provenance:
+        """What the replay set depends on: the base weights θ*, the classes, the count and the sampler."""
+        return Provenance("sa-replay", {"base_weights_sha256": weights_fingerprint(params), "classes": num_classes,
+                                        "samples_per_class": self.sa_samples_per_class,
+                                        **{f"sampler.{k}": v for k, v in settings_of(self.sampler).items()}})
+
+    def replay_set(self, backbone, like: ImageDataset, path: Path, record: Provenance) -> ImageDataset:
         """`sa_samples_per_class` samples of every class from the current weights, quantised to uint8 and cached."""
-        if not path.exists():
+        if not _reusable(path, record):
             images, labels = backbone.generate(list(range(like.num_classes)), self.sa_samples_per_class,
                                                self.sampler)  # (N, C, H, W) in [-1, 1], (N,)
             pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-            _save({"pixels": pixels, "labels": labels}, path)
+            _save({"pixels": pixels, "labels": labels}, path, record)
         saved = load_file(path)
         return ImageDataset(name="sa-replay", split="train", root=str(path), class_names=like.class_names,
                             channels=like.channels, image_size=like.image_size, transform_id="sa-replay-uint8",
