@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -119,3 +120,28 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def state_record(path: Any, fix_hint: str = RESTART_HINT) -> Provenance | None:
+    """The record under `"provenance"` in a `torch.save`d state dict, read lazily (its tensors stay on disk)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"cannot read {path} ({type(e).__name__}); {fix_hint}") from e
+    return Provenance.from_dict(state.get("provenance") if isinstance(state, dict) else None)
+
+
+def model_files_identity(folder: Any) -> str:
+    """A model folder's identity without loading it: SHA-256 over its weight files' names, sizes and modification
+    times (any rewrite of the weights changes it)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def short_key(settings: Mapping[str, Any]) -> str:
+    """An 8-hex-digit key of settings, for file names that change whenever the settings do."""
+    return hashlib.sha256(json.dumps(_plain(dict(settings)), sort_keys=True).encode()).hexdigest()[:8]

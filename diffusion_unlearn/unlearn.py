@@ -33,7 +33,7 @@ from diffusion_unlearn.optim import DualOptim, OptimizerSpec
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
 from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
 from diffusion_unlearn.preflight import check_disk_for, check_readable_file, check_writable_dir, require_at_least
-from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, settings_of
+from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, settings_of, state_record
 from diffusion_unlearn.saliency import (GradientMask, compute_mask, load_mask, mask_density, mask_description,
                                         mask_metadata, save_mask)
 from diffusion_unlearn.sample import Pipeline, class_grid, parse_classes
@@ -127,20 +127,11 @@ def mask_record(cfg: ForgetConfig) -> Provenance | None:
     return None if kind is None else Provenance("mask", settings_of(cfg.mask_config(kind)))
 
 
-def saved_record(path: Path) -> Provenance | None:
-    """The provenance stored in a `state.pt` (read lazily: its tensors stay on disk)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise UserError(f"cannot read {path} ({type(e).__name__}); {RESTART_HINT}") from e
-    return Provenance.from_dict(state.get("provenance") if isinstance(state, dict) else None)
-
-
 def check_run_folder(paths: OutputPaths, cfg: ForgetConfig) -> None:
     """A run folder's resume state and mask are reused only when they were made with this run's settings (the
     state also in this code's format); otherwise one line names what differs and the fix."""
     if paths.state.exists():
-        check_reuse(saved_record(paths.state), run_record(cfg), paths.state, check_version=True)
+        check_reuse(state_record(paths.state), run_record(cfg), paths.state, check_version=True)
     expected = mask_record(cfg)
     if paths.mask.exists():
         if expected is None:

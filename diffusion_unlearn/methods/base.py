@@ -45,6 +45,10 @@ class Method:
         """Work before the loop (on the original weights); returns the data the retain steps draw from."""
         return retain_set
 
+    def artefact_settings(self) -> dict:
+        """The settings the files `prepare` caches depend on besides the base weights (keys of shared copies)."""
+        return {}
+
     def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ_R = ρ · mean_i ℓ_i with CFG label dropout (L_simple, as pretraining)."""
         return self.retain_alpha * backbone.per_sample_loss(x, y, cfg_dropout=self.cfg_dropout).mean()

@@ -72,13 +72,12 @@ class SelectiveAmnesia(Method):
     def prepare(self, backbone, forget_set: ImageDataset, retain_set: ImageDataset, out_dir: Path) -> ImageDataset:
         """Replay set, θ* and F; returns the replay of the retained classes (labels as generated)."""
         params = backbone.named_parameters()
-        replay_record = self.replay_record(params, forget_set.num_classes)
-        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE, replay_record)
+        made_with = {"base_weights_sha256": weights_fingerprint(params), "classes": forget_set.num_classes,
+                     **self.artefact_settings()}
+        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE, Provenance("sa-replay", made_with))
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         device = next(iter(params.values())).device
-        fisher_record = Provenance("sa-fisher", {**replay_record.settings, "fisher_timesteps": self.sa_fisher_timesteps,
-                                                 "fisher_chunk": self.sa_fisher_chunk, "fisher_seed": self.seed,
-                                                 "fisher_as_reference": self.sa_fisher_as_reference})
+        fisher_record = Provenance("sa-fisher", made_with)
         if _reusable(out_dir / FISHER_FILE, fisher_record):
             self.fisher = {n: f.to(device) for n, f in load_file(out_dir / FISHER_FILE).items()}
         else:
@@ -91,11 +90,13 @@ class SelectiveAmnesia(Method):
             _save(self.fisher, out_dir / FISHER_FILE, fisher_record)
         return replay.with_classes([c for c in range(replay.num_classes) if c != self.forget_class])
 
-    def replay_record(self, params: dict[str, torch.Tensor], num_classes: int) -> Provenance:
-        """What the replay set depends on: the base weights θ*, the classes, the count and the sampler."""
-        return Provenance("sa-replay", {"base_weights_sha256": weights_fingerprint(params), "classes": num_classes,
-                                        "samples_per_class": self.sa_samples_per_class,
-                                        **{f"sampler.{k}": v for k, v in settings_of(self.sampler).items()}})
+    def artefact_settings(self) -> dict:
+        """What the replay set and the Fisher depend on besides the base weights and the classes (not the
+        forgotten class: one replay and Fisher serve every class)."""
+        return {"samples_per_class": self.sa_samples_per_class, "fisher_timesteps": self.sa_fisher_timesteps,
+                "fisher_chunk": self.sa_fisher_chunk, "fisher_seed": self.seed,
+                "fisher_as_reference": self.sa_fisher_as_reference,
+                **{f"sampler.{k}": v for k, v in settings_of(self.sampler).items()}}
 
     def replay_set(self, backbone, like: ImageDataset, path: Path, record: Provenance) -> ImageDataset:
         """`sa_samples_per_class` samples of every class from the current weights, quantised to uint8 and cached."""
