@@ -177,12 +177,19 @@ def load_pickled_checkpoint(path: str | os.PathLike, *, trust_pickle: bool | Non
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised as one line
         detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if not trust_pickle and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
+        if not trust_pickle and refused and _starts_like_a_pickle(path):
             fix = ("if you trust who made this file, pass --trust-pickle to allow arbitrary unpickling"
                    if trust_pickle is False else "it holds more than tensors, which this command does not load")
             raise UserError(f"cannot load {path} safely ({_weights_only_refusal(e)}); {fix}") from e
         raise UserError(f"cannot read {path} as a PyTorch checkpoint ({detail}); pass a .pt/.pth file saved "
                         "with torch.save") from e
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Whether the file opens with a pickle's PROTO opcode (a plain pickle, not text or another format)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _weights_only_refusal(error: Exception) -> str:

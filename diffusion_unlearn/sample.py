@@ -67,6 +67,8 @@ def class_grid(pipeline: Pipeline, class_names: Sequence[str], classes: Sequence
 def sample(cfg: SampleConfig) -> dict:
     if not cfg.grid and not cfg.out_dir:
         raise UserError("nothing to write: pass --grid FILE.png and/or --out-dir DIR")
+    if cfg.per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {cfg.per_class} (nothing would be written)")
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid" if cfg.grid else "eval"))
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
