@@ -187,9 +187,11 @@ def load_pickled_checkpoint(path: str | os.PathLike, *, trust_pickle: bool | Non
 
 
 def _starts_like_a_pickle(path: Path) -> bool:
-    """Whether the file opens with a pickle's PROTO opcode (a plain pickle, not text or another format)."""
+    """Whether the file opens as torch.save's zip archive or with a pickle's PROTO opcode (not text or another
+    format, where no unpickler could help)."""
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _weights_only_refusal(error: Exception) -> str:
