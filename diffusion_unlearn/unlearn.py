@@ -354,7 +354,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
         made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask else \
             mask_description(cfg.mask_config(method.mask_kind))
         save_mask(paths.mask, mask, {**made, "source": str(cfg.mask or "computed"), "provenance": made_mask.to_dict()})
-    write_config_yaml(cfg, paths.config)
+    write_config_yaml(replace(cfg, restart=False), paths.config)  # passed back with --config, it resumes
     names = loaded.meta.class_names
     grid = lambda title: class_grid(loaded.pipeline, names, grid_classes, cfg.grid_per_class,  # noqa: E731
                                     cfg.sampler, title)

@@ -90,6 +90,7 @@ def test_forget_resume_refuses_other_settings_resumes_same_and_restart_starts_ov
     assert _log_iterations(run) == [0, 1, 2]
     assert read_json(run / "model" / "diffusion_unlearn.json")["history"][-1]["provenance"]["settings"][
         "forget_lr"] == 1e-3
+    assert "restart: false" in (run / "config.yaml").read_text()  # passed back with --config, it does not discard
 
 
 def test_resume_prints_where_it_resumes(tiny_model, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from diffusion_unlearn.eval.metrics import classification_metrics
 from diffusion_unlearn.fileio import WriteError, write_json
 from diffusion_unlearn.grids import to_uint8
 from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
-from diffusion_unlearn.preflight import check_writable_dir, require_at_least
+from diffusion_unlearn.preflight import check_readable_file, check_writable_dir, require_at_least
 from diffusion_unlearn.sample import Pipeline, generate
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
@@ -68,6 +67,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     require_at_least(1, fa_samples=cfg.fa_samples, retain_samples_per_class=cfg.retain_samples_per_class)
     check_writable_dir(Path(cfg.out).parent, "--out")
+    if cfg.fid_weights:
+        check_readable_file(cfg.fid_weights, "Inception weights", "pass --fid-weights FILE")
     device = resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
