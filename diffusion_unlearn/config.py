@@ -139,6 +139,7 @@ class PretrainConfig:
     hflip: bool = False
     save_weights: Literal["ema", "raw"] = "ema"
     checkpoint_every: PositiveInt = 500
+    restart: bool = False  # discard an unfinished or finished training in --out instead of resuming / reusing it
     seed: int = 0
     device: str = "auto"
 
@@ -207,6 +208,7 @@ class ForgetConfig:
     cache_dir: str = DEFAULT_CACHE
     gradient_checkpointing: bool = False  # recompute activations in backward (models that support it: DiT)
     mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the denoiser
+    restart: bool = False  # discard what an earlier run left in --out (state, mask, SA files, outputs) and start over
     seed: int = 0
     device: str = "auto"
 
@@ -338,6 +340,7 @@ class StudyConfig:
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20))
     jobs: PositiveInt = 1  # cells run at once, each in its own process with cores/jobs threads
+    restart: bool = False  # discard the cells, shared files and scores an earlier study left in --out
     device: str = "auto"
 
 
@@ -552,6 +555,9 @@ def validation_message(error: ValidationError, cls: type, prefix: str = "") -> s
             continue
         key = prefix + ".".join(map(str, loc)) if loc else prefix.rstrip(".") or cls.__name__
         message = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("greater_than", "greater_than_equal"):  # counts: say the least value allowed
+            least = e["ctx"].get("gt", e["ctx"].get("ge"))
+            message = f"must be at least {least + 1 if e['type'] == 'greater_than' else least}"
         shown = "" if e["type"] in ("missing", "unexpected_keyword_argument") else f" (got {e['input']!r})"
         lines.append(f"{key}: {message}{shown}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ the same images first (vae.py), and the DiT trains on the VAE's posterior moment
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from diffusion_unlearn.latents import CACHE_SUBDIR, cached_moments
 from diffusion_unlearn.modelfolder import ModelMeta, save_model_folder
 from diffusion_unlearn.models.factory import build_dit, build_unet, dit_spec
 from diffusion_unlearn.optim import OptimizerSpec
+from diffusion_unlearn.preflight import check_writable_dir
+from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, state_record
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
 from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
 from diffusion_unlearn.vae import (build_vae, check_vae_fits, latent_side, load_vae, measure_scaling_factor,
@@ -36,11 +39,21 @@ def pretrain(cfg: PretrainConfig) -> dict:
     loss: the U-Net's L_simple, or a latent DiT's mse + vb (`LatentDiTBackbone`).
 
     The output folder is a model folder rewritten atomically at every checkpoint; while unfinished it also
-    holds `training_state.pt`, from which a rerun resumes. A finished folder is reused, not retrained.
+    holds `training_state.pt`, from which a rerun resumes. A finished folder is reused, not retrained. Both only
+    when they were made with the same settings (`--restart` discards them).
     """
     out = Path(cfg.out)
-    if (out / TRAINING_FILE).is_file() and not (out / STATE_FILE).is_file():
-        return read_json(out / TRAINING_FILE)
+    record = training_record(cfg)
+    if cfg.restart:
+        for name in (STATE_FILE, TRAINING_FILE):
+            (out / name).unlink(missing_ok=True)
+    if (out / STATE_FILE).is_file():
+        check_reuse(state_record(out / STATE_FILE), record, out / STATE_FILE, check_version=True)
+    elif (out / TRAINING_FILE).is_file():
+        summary = read_json(out / TRAINING_FILE)
+        check_reuse(finished_record(summary), record, out / TRAINING_FILE)
+        return summary
+    check_writable_dir(out, "--out")
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
     k = dataset.num_classes
@@ -79,6 +92,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         stream.load_state_dict(state["stream"])
         torch.set_rng_state(state["rng"])
         start, losses = state["iteration"], state["losses"]
+        print(f"pretrain: resuming {out} from iteration {start} of {cfg.iterations} ({STATE_FILE})", file=sys.stderr)
 
     meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, dataset=cfg.dataset,
                      excluded_classes=[] if cfg.exclude_class is None else [cfg.exclude_class],
@@ -92,7 +106,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if weights else None  # buffers too
         if weights:
             ema.copy_to(unet)
-        state = None if final else {"iteration": iteration, "model": raw or unet.state_dict(),
+        state = None if final else {"provenance": record.to_dict(), "iteration": iteration,
+                                    "model": raw or unet.state_dict(),
                                     "optim": opt.state_dict(), "ema": ema.state_dict(),
                                     "stream": stream.state_dict(), "rng": torch.get_rng_state(), "losses": losses}
         save_model_folder(out, unet, meta, vae=vae, extra=None if state is None else {STATE_FILE: state})
@@ -119,9 +134,22 @@ def pretrain(cfg: PretrainConfig) -> dict:
             checkpoint(it + 1, final=False)
     checkpoint(cfg.iterations, final=True)
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds_this_run": time.perf_counter() - started,
-               "final_loss": losses[-1][1] if losses else None, "losses": losses, "config": config_to_dict(cfg)}
+               "final_loss": losses[-1][1] if losses else None, "losses": losses, "config": config_to_dict(cfg),
+               "provenance": record.to_dict()}
     write_json(out / TRAINING_FILE, summary)
     return summary
+
+
+def training_record(cfg: PretrainConfig) -> Provenance:
+    """What a training run's state and finished folder are made with: every setting that can change the weights."""
+    return Provenance("pretrain", settings_of(cfg))
+
+
+def finished_record(summary: dict) -> Provenance | None:
+    """A finished folder's record (`training.json`); one written before records existed is read from its config."""
+    if "provenance" in summary:
+        return Provenance.from_dict(summary["provenance"])
+    return Provenance("pretrain", settings_of(summary["config"])) if isinstance(summary.get("config"), dict) else None
 
 
 def latent_vae(cfg: PretrainConfig, dataset: ImageDataset, out: Path, resuming: bool, device: str) -> AutoencoderKL:

@@ -226,21 +226,26 @@ def save_mask(path: str | Path, mask: Mask, metadata: dict) -> None:
         save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in mask.items()}, str(tmp), metadata=meta)
 
 
-def read_tensor_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_tensor_file(path: str | Path, *, trust_pickle: bool | None = None) -> dict[str, torch.Tensor]:
     """Parameter name → tensor from our `.safetensors` or the lineage's `.pt` files (masks, Fisher diagonals),
-    `module.` stripped (reference §7.22); `.pt` files load on the CPU, `weights_only` unless `trust_pickle`."""
+    `module.` stripped (reference §7.22); `.pt` files load on the CPU, `weights_only` unless `trust_pickle`
+    (None: the command has no `--trust-pickle` option, `load_pickled_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"mask file not found: {path} (make one with `diffusion-unlearn mask`)")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise UserError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:120]}); "
+                            "pass a mask file made by `diffusion-unlearn mask` or `convert`") from e
     raw = load_pickled_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(raw, dict):
         raise UserError(f"{path} does not hold a dict of parameter name → tensor")
     return {k: v for k, v in strip_prefix(raw).items() if isinstance(v, torch.Tensor)}
 
 
-def load_mask(path: str | Path, model: torch.nn.Module | None = None, *, trust_pickle: bool = False) -> Mask:
+def load_mask(path: str | Path, model: torch.nn.Module | None = None, *, trust_pickle: bool | None = None) -> Mask:
     """Read our `.safetensors` masks or the lineage's `.pt` masks (bool `fisher_<γ>.pt`, SalUn's int64
     `with_0.5.pt`; `module.` stripped). With `model`, names and shapes are checked against it."""
     mask = {k: v != 0 for k, v in read_tensor_file(path, trust_pickle=trust_pickle).items()}

@@ -6,6 +6,8 @@ Layout of `--out`: `cells/<cell>/forget/` (the `forget` run, its log holding the
 `cells/<cell>/result.json` (written last: a cell with it is finished and never rerun), `shared/` (masks and SA's
 replay/Fisher, which depend on the class and seed but not on the optimizer), `base/` and `retrain/` (the
 reference rows), and the outputs `table.md`, `cells.csv`, `summary.json`, `curves.png`, `lr-sensitivity.png`.
+Every reused file records the settings that made it (provenance.py): shared files are named by a key of their
+settings, and a finished cell or a score made with other settings is refused (`--restart` discards them).
 """
 
 from __future__ import annotations
@@ -34,13 +36,20 @@ from diffusion_unlearn.fileio import UserError, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
 from diffusion_unlearn.methods.sa import FISHER_FILE, REPLAY_FILE
 from diffusion_unlearn.modelfolder import LoadedModel, check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.preflight import check_writable_dir
 from diffusion_unlearn.pretrain import pretrain
-from diffusion_unlearn.saliency import compute_mask, mask_description, save_mask
+from diffusion_unlearn.provenance import (NO_EFFECT, Provenance, check_reuse, model_files_identity, settings_of,
+                                          short_key)
+from diffusion_unlearn.saliency import compute_mask, mask_description, mask_metadata, save_mask
 from diffusion_unlearn.sample import Pipeline, parse_classes
 from diffusion_unlearn.sampler_defaults import resolve_sampler
-from diffusion_unlearn.unlearn import OutputPaths, Probe, forget
+from diffusion_unlearn.unlearn import OutputPaths, Probe, forget, mask_record, run_record
 
 OPTIM_SETUPS = ("dual", "shared")
+# StudyConfig settings that choose which cells and baselines exist; each cell records its own coordinates
+GRID_SETTINGS = frozenset({"methods", "optims", "classes", "seeds", "forget_lrs", "retrain_dir", "train_retrain",
+                           "retrain_preset"})
+STUDY_FOLDERS = ("cells", "shared", "base", "retrain-scores")  # what --restart discards
 
 
 @dataclass(frozen=True)
@@ -164,14 +173,34 @@ def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evalua
     return Evaluator(resolved, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
 
 
+def study_record(cfg: StudyConfig, kind: str, **extra) -> Provenance:
+    """What a study's scores depend on: every study setting except the grid's coordinates, the base model's
+    identity, and `extra`."""
+    return Provenance(kind, {**settings_of(cfg, NO_EFFECT | GRID_SETTINGS),
+                             "base_model_files": model_files_identity(cfg.model), **extra})
+
+
+def reused_json(path: Path, record: Provenance) -> dict | None:
+    """The JSON at `path` when it exists and records `record` (else a one-line UserError); None when absent."""
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    check_reuse(Provenance.from_dict(saved.get("provenance") if isinstance(saved, dict) else None), record, path)
+    return saved
+
+
 def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: Path) -> dict:
-    """Final and curve-count scores of a fixed model (the base model, a retrain baseline), cached in `out`."""
-    if not out.exists():
+    """Final and curve-count scores of a fixed model (the base model, a retrain baseline), cached in `out` with the
+    settings that made them."""
+    record = study_record(evaluator.cfg, "study-scores", model=str(model), model_files=model_files_identity(model),
+                          forget_class=forget_class)
+    saved = reused_json(out, record)
+    if saved is None:
         pipeline = load_model_folder(model, resolve_device(evaluator.cfg.device)).pipeline
-        write_json(out, {"model": str(model), "forget_class": forget_class,
-                         **evaluator(pipeline, forget_class),
-                         "curve": evaluator(pipeline, forget_class, curve=True)})
-    return read_json(out)
+        saved = {"model": str(model), "forget_class": forget_class, **evaluator(pipeline, forget_class),
+                 "curve": evaluator(pipeline, forget_class, curve=True), "provenance": record.to_dict()}
+        write_json(out, saved)
+    return saved
 
 
 # ----------------------------------------------------------------------------- cells
@@ -186,22 +215,32 @@ class SharedArtifacts:
     files: list[Path]
     mask: MaskSettings | None = None
     mask_kind: str | None = None
+    mask_record: Provenance | None = None
 
     @property
     def ready(self) -> bool:
-        return all(p.exists() for p in self.files)
+        """All files exist; a mask also records these settings (SA's files are checked by SA when reused)."""
+        if not all(p.exists() for p in self.files):
+            return False
+        if self.mask_record is not None:
+            check_reuse(Provenance.from_dict(mask_metadata(self.files[0]).get("provenance")), self.mask_record,
+                        self.files[0])
+        return True
 
 
 def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifacts | None:
-    if cell.method == "sa":
-        folder = root / "shared" / f"sa-s{cell.seed}"
-        return SharedArtifacts([folder / REPLAY_FILE, folder / FISHER_FILE])
+    """A cell's shared files, named by a key of the settings they depend on (a changed preset makes new ones)."""
     fc = forget_config(cfg, cell, root / "unused")
-    kind = build_method(fc).mask_kind
+    method = build_method(fc)
+    if cell.method == "sa":
+        folder = root / "shared" / f"sa-s{cell.seed}-{short_key(method.artefact_settings())}"
+        return SharedArtifacts([folder / REPLAY_FILE, folder / FISHER_FILE])
+    kind = method.mask_kind
     if kind is None:
         return None
-    path = root / "shared" / f"mask-{kind}-c{cell.forget_class}-s{cell.seed}.safetensors"
-    return SharedArtifacts([path], fc.mask, kind)
+    record = mask_record(fc)
+    path = root / "shared" / f"mask-{kind}-c{cell.forget_class}-s{cell.seed}-{short_key(record.settings)}.safetensors"
+    return SharedArtifacts([path], fc.mask, kind, record)
 
 
 def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: LoadedModel, dataset: ImageDataset) -> None:
@@ -217,7 +256,7 @@ def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: Load
         if art.mask is not None:
             mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask, art.mask_kind, cell.seed)
             save_mask(art.files[0], mask, {**mask_description(art.mask, art.mask_kind, cell.forget_class),
-                                           "model": str(cfg.model)})
+                                           "model": str(cfg.model), "provenance": art.mask_record.to_dict()})
         else:
             folder = art.files[0].parent
             folder.mkdir(parents=True, exist_ok=True)
@@ -241,10 +280,12 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last."""
     root = Path(cfg.out)
     folder = root / "cells" / cell.name
-    if (folder / "result.json").exists():
-        return read_json(folder / "result.json")
     paths = OutputPaths(folder / "forget")
     fc = forget_config(cfg, cell, paths.root)
+    record = study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()})
+    finished = reused_json(folder / "result.json", record)
+    if finished is not None:
+        return finished
     art = shared_artifacts(cfg, cell, root)
     if art is not None and art.mask is not None:
         fc = replace(fc, mask=replace(fc.mask, file=str(art.files[0])))
@@ -255,6 +296,9 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     if not paths.model.exists() or paths.state.exists():
         probe = Probe(cfg.curve_every, lambda pipeline: evaluator(pipeline, cell.forget_class, curve=True))
         forget(fc, probe=probe)
+    else:  # a finished run whose result was not written yet: reused when made with the cell's settings
+        made = read_json(paths.model / "diffusion_unlearn.json").get("history", [{}])[-1].get("provenance")
+        check_reuse(Provenance.from_dict(made), run_record(fc), paths.model)
     seconds_forget = time.perf_counter() - started
     pipeline = load_model_folder(paths.model, resolve_device(cfg.device)).pipeline
     scores = evaluator(pipeline, cell.forget_class)
@@ -264,7 +308,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
               "batch_size": fc.batch_size, "forget_lr_used": fc.forget_optimizer.lr,
               "retain_lr_used": fc.retain_optimizer.lr,
               **scores, "curve": curve, "seconds_forget": seconds_forget,
-              "seconds_total": time.perf_counter() - started}
+              "seconds_total": time.perf_counter() - started, "provenance": record.to_dict()}
     write_json(folder / "result.json", result)
     return result
 
@@ -325,6 +369,7 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
     if not cfg.classifier:
         raise UserError("--classifier is required: an FA classifier folder (`train-classifier`, or the demo's "
                         ".cache/diffusion-unlearn/digits-classifier)")
+    check_writable_dir(cfg.out, "--out")
     loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
     dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
     check_model_data(loaded, dataset, 0)
@@ -341,6 +386,9 @@ def study(cfg: StudyConfig) -> dict:
     started = time.perf_counter()
     cfg, cells, loaded, dataset = check_inputs(cfg)
     root = Path(cfg.out)
+    if cfg.restart:
+        for name in STUDY_FOLDERS:
+            shutil.rmtree(root / name, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     classes = sorted({c.forget_class for c in cells})
     retrain = retrain_models(cfg, classes, root)

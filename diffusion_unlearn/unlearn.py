@@ -11,6 +11,7 @@ keeping the last good state.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,15 +24,18 @@ from safetensors.torch import save_file
 from diffusion_unlearn.config import ForgetConfig, MaskConfig, config_to_dict, resolve_device, write_config_yaml
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.ema import EMA
-from diffusion_unlearn.fileio import UserError, append_jsonl, atomic_path, torch_save_atomic
+from diffusion_unlearn.fileio import UserError, WriteError, append_jsonl, atomic_path, file_hash, torch_save_atomic
 from diffusion_unlearn.grids import save_image_atomic
 from diffusion_unlearn.latents import CACHE_SUBDIR, check_latent_cache, forget_retain_moments
-from diffusion_unlearn.methods import Method, build_method
+from diffusion_unlearn.methods import METHODS, Method, build_method
 from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder, save_model_folder
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
 from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
-from diffusion_unlearn.saliency import GradientMask, compute_mask, load_mask, mask_density, mask_description, save_mask
+from diffusion_unlearn.preflight import check_disk_for, check_readable_file, check_writable_dir
+from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, settings_of, state_record
+from diffusion_unlearn.saliency import (GradientMask, compute_mask, load_mask, mask_density, mask_description,
+                                        mask_metadata, save_mask)
 from diffusion_unlearn.sample import Pipeline, class_grid, parse_classes
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
@@ -80,12 +84,66 @@ class OutputPaths:
 
 # ----------------------------------------------------------------------------- checks before any work
 
+# Copies of the model's weights a run keeps on disk at its peak: state.pt (weights, EMA, up to four optimizer
+# moments) written atomically beside the previous one, or the last state.pt beside the final outputs.
+CHECKPOINT_COPIES = {"state.pt (weights, EMA, optimizer moments), old and new": 12}
+
 
 def check_output_folder(out: Path, model: Path) -> None:
     out, model = out.resolve(), model.resolve()
     if out == model or model in out.parents:
         raise UserError(f"--out {out} is the input model folder or inside it; choose another folder "
                         "(the input model is never written to)")
+
+
+def check_forget_options(cfg: ForgetConfig) -> None:
+    """Input files, before any model is loaded (counts are checked by the config itself)."""
+    if cfg.mask.file:
+        check_readable_file(cfg.mask.file, "mask file", "make one with `diffusion-unlearn mask`")
+
+
+# ----------------------------------------------------------------------------- provenance of a run folder
+
+
+def run_record(cfg: ForgetConfig) -> Provenance:
+    """What a run's `state.pt` was made with: every setting that can change the result."""
+    return Provenance("forget-state", settings_of(cfg))
+
+
+def mask_record(cfg: ForgetConfig) -> Provenance | None:
+    """What the run's `mask.safetensors` is: a copy of `--mask FILE` (by content), the mask the method's settings
+    compute, or None where the run uses no mask."""
+    if cfg.mask.file:
+        return Provenance("mask", {"kind": "file", "file": str(Path(cfg.mask.file).resolve()),
+                                   "file_sha256": file_hash(cfg.mask.file)})
+    kind = METHODS[cfg.method].mask_kind
+    made_from = {"model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
+                 "forget_class": cfg.forget_class, "seed": cfg.seed, "kind": kind, "mask": config_to_dict(cfg.mask)}
+    return None if kind is None else Provenance("mask", settings_of(made_from))
+
+
+def check_run_folder(paths: OutputPaths, cfg: ForgetConfig) -> None:
+    """A run folder's resume state and mask are reused only when they were made with this run's settings (the
+    state also in this code's format); otherwise one line names what differs and the fix."""
+    if paths.state.exists():
+        check_reuse(state_record(paths.state), run_record(cfg), paths.state, check_version=True)
+    expected = mask_record(cfg)
+    if paths.mask.exists():
+        if expected is None:
+            raise UserError(f"{paths.mask} is the mask of an earlier run, and method {cfg.method} uses none; "
+                            f"{RESTART_HINT}")
+        check_reuse(Provenance.from_dict(mask_metadata(paths.mask).get("provenance")), expected, paths.mask)
+
+
+def discard_run(paths: OutputPaths) -> None:
+    """`--restart`: remove what an earlier run wrote into the folder (its files only, nothing else)."""
+    import shutil
+
+    names = ("state", "log", "config", "mask", "ema", "optimizers", "grid_before", "grid_after")
+    cached = [paths.root / name for method in METHODS.values() for name in method.artefacts]
+    for path in [getattr(paths, n) for n in names] + cached:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(paths.model, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -96,8 +154,9 @@ class Unlearner:
 
     def __init__(self, cfg: ForgetConfig, backbone: DDPMBackbone | LatentDiTBackbone, forget_set: ImageDataset,
                  retain_set: ImageDataset, grad_mask: GradientMask | None, accelerator: Accelerator,
-                 method: Method | None = None):
+                 method: Method | None = None, record: Provenance | None = None):
         self.cfg, self.backbone, self.accelerator, self.grad_mask = cfg, backbone, accelerator, grad_mask
+        self.record = record if record is not None else run_record(cfg)  # stored in every state
         self.method = method if method is not None else build_method(cfg)
         unet = backbone.unet
         self.optim = DualOptim(unet.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
@@ -110,6 +169,7 @@ class Unlearner:
         self.retain_stream = BatchStream(retain_set, cfg.retain_batch_size or cfg.batch_size,
                                          seed=cfg.seed * 1000 + 2 * rank + 1, hflip=cfg.hflip)
         self.iteration = 0
+        self.saved_iteration: int | None = None  # iterations done in the last state written (or resumed from)
 
     # -- state
 
@@ -117,12 +177,13 @@ class Unlearner:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"iteration": self.iteration, "model": self.backbone.unet.state_dict(),
+        return {"provenance": self.record.to_dict(), "iteration": self.iteration,
+                "model": self.backbone.unet.state_dict(),
                 "optim": self.optim.state_dict(), "ema": self.ema.state_dict(), "rng": rng,
                 "forget_stream": self.forget_stream.state_dict(), "retain_stream": self.retain_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.iteration = state["iteration"]
+        self.iteration = self.saved_iteration = state["iteration"]
         self.backbone.unet.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.ema.load_state_dict(state["ema"])
@@ -141,14 +202,21 @@ class Unlearner:
     def _backward(self, loss: torch.Tensor, phase: str, *, mask: bool, clip: bool) -> dict:
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"{phase} loss became {value} at iteration {self.iteration}; the last good "
-                                     "state is kept in state.pt — lower the learning rates or α and rerun")
+            raise NonFiniteLossError(f"{phase} loss became {value} at iteration {self.iteration}; "
+                                     f"{self.saved_note()}; lower the learning rates or α and rerun with --restart "
+                                     "or a new --out (a run with other settings never resumes this state)")
         self.optim.zero_grad()
         self.accelerator.backward(loss)
         if mask and self.grad_mask is not None:
             self.grad_mask.apply()  # mask first, then clip (SFRon order, reference §2.1 step 3)
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.grad_clip) if clip else None
         return {f"{phase}_loss": value, **({f"{phase}_grad_norm": float(norm)} if norm is not None else {})}
+
+    def saved_note(self) -> str:
+        """Which state a stopped run leaves behind, in words."""
+        if self.saved_iteration is None:
+            return "no state was saved yet (nothing to resume)"
+        return f"state.pt holds the last good state, after {self.saved_iteration} iterations"
 
     def run_iteration(self, callback: StepCallback | None) -> dict:
         cfg, k = self.cfg, self.iteration
@@ -200,12 +268,18 @@ class Unlearner:
                 self.backbone.model.eval()
                 with torch.random.fork_rng(devices=[]):
                     record |= probe()
+            checkpoint = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
             if acc.is_main_process:
-                append_jsonl(paths.log, record)
+                try:
+                    append_jsonl(paths.log, record)
+                    if checkpoint:
+                        torch_save_atomic(self.state_dict(), paths.state)
+                except WriteError as e:
+                    raise WriteError(f"{e}; {self.saved_note()}") from e
                 bar.update(1)
                 bar.set_postfix(f=f"{record.get('forget_loss', 0):.3g}", r=f"{record.get('retain_loss', 0):.3g}")
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
-                    torch_save_atomic(self.state_dict(), paths.state)
+            if checkpoint:
+                self.saved_iteration = self.iteration
             acc.wait_for_everyone()
         bar.close()
 
@@ -228,10 +302,18 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     """Unlearn `cfg.forget_class`; write model, mask, config, log, optimizer states and grids to `cfg.out`.
     A folder holding `state.pt` from a killed run resumes where it stopped."""
     out, model_dir = Path(cfg.out), Path(cfg.model)
+    check_forget_options(cfg)
     check_output_folder(out, model_dir)
     paths = OutputPaths(out)
+    if cfg.restart:
+        discard_run(paths)
     if paths.model.exists() and not paths.state.exists():
-        raise UserError(f"{out} already holds a finished run; choose another --out")
+        raise UserError(f"{out} already holds a finished run; choose another --out, or pass --restart to discard it")
+    check_run_folder(paths, cfg)
+    record = run_record(cfg)
+    check_writable_dir(out, "--out")
+    if model_dir.is_dir():
+        check_disk_for(out, model_dir, CHECKPOINT_COPIES)
     accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded = load_model_folder(model_dir, accelerator.device)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid",  # grids, SA replay
@@ -244,6 +326,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
         raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")
     mask = load_mask(cfg.mask.file, loaded.unet) if cfg.mask.file else None
+    made_mask = mask_record(cfg)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -259,27 +342,31 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
         forget_set, retain_set = forget_retain_moments(loaded.vae, forget_set, retain_set, hflip=cfg.hflip,
                                                        retain_limit=cfg.latent_cache_retain,
                                                        cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
-    if mask is None and paths.mask.exists():
+    if mask is None and paths.mask.exists():  # its provenance matched (check_run_folder)
         mask = load_mask(paths.mask, unet)
     elif mask is None and method.mask_kind is not None:
         mask = compute_mask(backbone, forget_set, retain_set, cfg.mask, method.mask_kind, cfg.seed)
     if mask is not None and not paths.mask.exists():
         made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask.file else \
             mask_description(cfg.mask, method.mask_kind, cfg.forget_class)
-        save_mask(paths.mask, mask, {**made, "source": str(cfg.mask.file or "computed")})
-    write_config_yaml(cfg, paths.config)
+        save_mask(paths.mask, mask, {**made, "source": str(cfg.mask.file or "computed"),
+                                     "provenance": made_mask.to_dict()})
+    write_config_yaml(replace(cfg, restart=False), paths.config)  # passed back with --config, it resumes
     names = loaded.meta.class_names
     grid = lambda title: class_grid(loaded.pipeline, names, grid_classes, cfg.grid_per_class,  # noqa: E731
                                     cfg.sampler, title)
-    if accelerator.is_main_process and not paths.grid_before.exists():
+    if accelerator.is_main_process and not (resuming and paths.grid_before.exists()):
         save_image_atomic(grid(f"before: {model_dir.name}"), paths.grid_before)
 
     backbone = loaded.backbone(model=accelerator.prepare_model(unet))
     grad_mask = GradientMask(unet, mask) if mask is not None else None
-    unlearner = Unlearner(cfg, backbone, forget_set, retain_set, grad_mask, accelerator, method)
+    unlearner = Unlearner(cfg, backbone, forget_set, retain_set, grad_mask, accelerator, method, record)
     if resuming:
         unlearner.load_state_dict(torch.load(paths.state, map_location="cpu", weights_only=True))
         _truncate_log(paths.log, unlearner.iteration)
+        if accelerator.is_main_process:
+            print(f"forget: resuming {out} from iteration {unlearner.iteration} of {cfg.iterations} (state.pt)",
+                  file=sys.stderr)
     elif paths.log.exists():
         paths.log.unlink()
     started = time.perf_counter()
@@ -292,7 +379,8 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
                        forgotten_classes=sorted({*loaded.meta.forgotten_classes, cfg.forget_class}),
                        history=[*loaded.meta.history, {"op": "forget", "method": cfg.method, "optim": cfg.optim,
                                                        "forget_class": cfg.forget_class, "source": str(model_dir),
-                                                       "iterations": cfg.iterations}])
+                                                       "iterations": cfg.iterations,
+                                                       "provenance": record.to_dict()}])
         save_model_folder(paths.model, unet, meta, vae=loaded.vae)
         with atomic_path(paths.ema) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in unlearner.ema.weights().items()}, str(tmp))

@@ -194,5 +194,5 @@ def test_latent_cache_refusals(dit_base, tiny_model, tmp_path, capsys):
     assert "does not apply to sa" in capsys.readouterr().err
     assert main(["forget", "--model", str(dit_base[0]), "--latent-cache-retain", "0", "--out", str(tmp_path / "d"),
                  *common]) == 2
-    assert "latent_cache_retain: Input should be greater than 0" in capsys.readouterr().err
+    assert "latent_cache_retain: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +14,10 @@ from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.fid import compute_fid, find_inception_weights
 from diffusion_unlearn.eval.metrics import classification_metrics
-from diffusion_unlearn.fileio import write_json
+from diffusion_unlearn.fileio import WriteError, write_json
 from diffusion_unlearn.grids import to_uint8
 from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.preflight import check_readable_file, check_writable_dir
 from diffusion_unlearn.sample import Pipeline, generate
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
@@ -63,6 +65,9 @@ def sample_metrics(pipeline: Pipeline, dataset: ImageDataset, clf: FAClassifier,
 
 def evaluate(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
+    check_writable_dir(Path(cfg.out).parent, "--out")
+    if cfg.fid_weights:
+        check_readable_file(cfg.fid_weights, "Inception weights", "pass --fid-weights FILE")
     device = resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval", device))
@@ -87,6 +92,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         "classifier": str(cfg.classifier), "classifier_test_accuracy": clf.meta.get("test_accuracy"),
         "seconds": time.perf_counter() - started,
     }
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.out, result)
+    try:
+        write_json(cfg.out, result)
+    except WriteError as e:  # keep the work: the metrics go to stdout
+        print(json.dumps(result, indent=2, default=str))
+        raise WriteError(f"{e} (the metrics were printed to stdout above)") from e
     return result

@@ -4,7 +4,8 @@ A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.m
 against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
 takes from the run (`from_config`). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
 mask `forget()` builds), `mask_retain` (whether retain gradients are masked too) and `forget_loss` (None: no
-forget steps). `prepare` may cache artefacts beside the run and choose the data the retain steps draw from.
+forget steps). `prepare` may cache artefacts beside the run (named in
+`artefacts`, each recording its provenance) and choose the data the retain steps draw from.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Method:
     paper: ClassVar[str]  # where the method comes from
     mask_kind: ClassVar[str | None] = None
     mask_retain: ClassVar[bool] = False
+    artefacts: ClassVar[tuple[str, ...]] = ()  # files `prepare` caches beside the run (removed by --restart)
 
     @classmethod
     def arguments(cls) -> list[str]:
@@ -64,6 +66,10 @@ class Method:
     def prepare(self, backbone, forget_set: ImageDataset, retain_set: ImageDataset, out_dir: Path) -> ImageDataset:
         """Work before the loop (on the original weights); returns the data the retain steps draw from."""
         return retain_set
+
+    def artefact_settings(self) -> dict:
+        """The settings the files `prepare` caches depend on besides the base weights (keys of shared copies)."""
+        return {}
 
     def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ_R = ρ · mean_i ℓ_i with CFG label dropout (L_simple, as pretraining)."""

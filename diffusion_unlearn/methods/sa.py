@@ -2,7 +2,8 @@
 
 Before the loop, on the original weights θ*: the model's own samples of every class, generated once
 (`replay.safetensors` beside the run, uint8), and the Fisher diagonal over all of them, each sample's gradient
-summed over the diffusion steps before squaring (`sa_fisher.safetensors`). Both are reused on resume.
+summed over the diffusion steps before squaring (`sa_fisher.safetensors`). Both record what made them (sampler,
+counts, seeds, Fisher settings, the base weights' hash) and are reused only when that matches.
 Forget loss: L_simple on uniform-noise surrogates x̃ ~ U[−1, 1] labelled c_f. Retain loss: ρ·L_simple on the
 replay of the retained classes + λ·Σ_i F_i (θ_i − θ*_i)² (EWC). The reference takes one joint step on
 surrogate + replay + EWC without label dropout (preset `digits-sa`); `--optim dual --schedule alternate` is the
@@ -25,6 +26,7 @@ from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.fileio import UserError, atomic_path
 from diffusion_unlearn.methods.base import Method
+from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, weights_fingerprint
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
 
 REPLAY_FILE, FISHER_FILE = "replay.safetensors", "sa_fisher.safetensors"
@@ -64,6 +66,18 @@ def load_fisher(path: str | Path, params: dict[str, torch.Tensor]) -> Mask:
     return {n: fisher[n].to(p.device, p.dtype) for n, p in params.items()}
 
 
+def _reusable(path: Path, record: Provenance) -> bool:
+    """Whether `path` exists; when it does, it must have been made as `record` says (else one-line UserError)."""
+    if not path.exists():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        on_disk = Provenance.from_json((f.metadata() or {}).get("provenance"))
+    check_reuse(on_disk, record, path)
+    return True
+
+
 @dataclass
 class SelectiveAmnesia(Method):
     forget_class: int = 0
@@ -77,6 +91,7 @@ class SelectiveAmnesia(Method):
     seed: int = 0
 
     name = "sa"
+    artefacts = (REPLAY_FILE, FISHER_FILE)
     paper = "Heng & Soh, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models " \
             "(NeurIPS 2023)"
 
@@ -84,10 +99,13 @@ class SelectiveAmnesia(Method):
         """Replay set, θ* and F; returns the replay of the retained classes (labels as generated)."""
         params = backbone.named_parameters()
         self.fisher = load_fisher(self.sa_fisher, params) if self.sa_fisher else None  # a bad file fails first
-        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE)
+        made_with = {"base_weights_sha256": weights_fingerprint(params), "classes": forget_set.num_classes,
+                     **self.artefact_settings()}
+        replay = self.replay_set(backbone, forget_set, out_dir / REPLAY_FILE, Provenance("sa-replay", made_with))
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         device = next(iter(params.values())).device
-        if self.fisher is None and (out_dir / FISHER_FILE).exists():
+        fisher_record = Provenance("sa-fisher", made_with)
+        if self.fisher is None and _reusable(out_dir / FISHER_FILE, fisher_record):
             self.fisher = {n: f.to(device) for n, f in load_file(out_dir / FISHER_FILE).items()}
         elif self.fisher is None:
             images, labels = replay.get_batch(torch.arange(len(replay)))  # (N, C, H, W) in [-1, 1], (N,)
@@ -96,16 +114,24 @@ class SelectiveAmnesia(Method):
                 backbone, ((images + 1) / 2 if quirk else images).to(device), labels.to(device),
                 timesteps=self.sa_fisher_timesteps, chunk=self.sa_fisher_chunk,
                 cfg_dropout=REFERENCE_FISHER_DROPOUT if quirk else 0.0, seed=self.seed)
-            _save(self.fisher, out_dir / FISHER_FILE)
+            _save(self.fisher, out_dir / FISHER_FILE, {"provenance": fisher_record.to_json()})
         return replay.with_classes([c for c in range(replay.num_classes) if c != self.forget_class])
 
-    def replay_set(self, backbone, like: ImageDataset, path: Path) -> ImageDataset:
+    def artefact_settings(self) -> dict:
+        """What the replay set and the Fisher depend on besides the base weights and the classes (not the
+        forgotten class: one replay and Fisher serve every class)."""
+        return {"samples_per_class": self.sa_samples_per_class, "fisher_timesteps": self.sa_fisher_timesteps,
+                "fisher_chunk": self.sa_fisher_chunk, "fisher_seed": self.seed,
+                "fisher_as_reference": self.sa_fisher_as_reference,
+                **{f"sampler.{k}": v for k, v in settings_of(self.sampler).items()}}
+
+    def replay_set(self, backbone, like: ImageDataset, path: Path, record: Provenance) -> ImageDataset:
         """`sa_samples_per_class` samples of every class from the current weights, quantised to uint8 and cached."""
-        if not path.exists():
+        if not _reusable(path, record):
             images, labels = backbone.generate(list(range(like.num_classes)), self.sa_samples_per_class,
                                                self.sampler)  # (N, C, H, W) in [-1, 1], (N,)
             pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-            _save({"pixels": pixels, "labels": labels}, path)
+            _save({"pixels": pixels, "labels": labels}, path, {"provenance": record.to_json()})
         saved = load_file(path)
         return ImageDataset(name="sa-replay", split="train", root=str(path), class_names=like.class_names,
                             channels=like.channels, image_size=like.image_size, transform_id="sa-replay-uint8",
