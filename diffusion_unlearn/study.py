@@ -32,11 +32,10 @@ from diffusion_unlearn.eval.fid import find_inception_weights
 from diffusion_unlearn.eval.study_report import write_study_outputs
 from diffusion_unlearn.fileio import UserError, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
-from diffusion_unlearn.methods.sa import FISHER_FILE, REPLAY_FILE
-from diffusion_unlearn.modelfolder import LoadedModel, check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_dataset, load_model_folder
 from diffusion_unlearn.pretrain import pretrain
+from diffusion_unlearn.pipelines.sampling import Pipeline, parse_classes
 from diffusion_unlearn.saliency import compute_mask, mask_description, save_mask
-from diffusion_unlearn.sample import Pipeline, parse_classes
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 from diffusion_unlearn.unlearn import OutputPaths, Probe, forget
 
@@ -170,8 +169,9 @@ def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: 
 @dataclass
 class SharedArtifacts:
     """What a cell shares with the other cells of its class and seed, made once before the cells run: its
-    saliency mask file (SFRon, SalUn; `mask_config` says how) or SA's replay and Fisher files (all classes, the
-    base model's), which the cell's run folder links."""
+    saliency mask file (SFRon, SalUn; `mask_config` says how) or the files its method declares in
+    `Method.shared_artifacts` (SA's replay and Fisher: all classes, the base model's), which the cell's run
+    folder links."""
 
     files: list[Path]
     mask_config: MaskConfig | None = None
@@ -182,9 +182,10 @@ class SharedArtifacts:
 
 
 def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifacts | None:
-    if cell.method == "sa":
-        folder = root / "shared" / f"sa-s{cell.seed}"
-        return SharedArtifacts([folder / REPLAY_FILE, folder / FISHER_FILE])
+    declared = METHODS[cell.method].shared_artifacts
+    if declared:
+        folder = root / "shared" / f"{cell.method}-s{cell.seed}"
+        return SharedArtifacts([folder / name for name in declared])
     fc = forget_config(cfg, cell, root / "unused")
     kind = build_method(fc).mask_kind
     if kind is None:
@@ -309,9 +310,7 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
                         ".cache/diffusion-unlearn/digits-classifier)")
     if cfg.curve_every < 1 or cfg.jobs < 1:
         raise UserError("--curve-every and --jobs must be at least 1")
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    check_model_data(loaded, dataset, 0)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, 0, resolve_device(cfg.device))
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval"))
     check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":

@@ -2,8 +2,11 @@
 
 A method is a small dataclass whose fields are named like the ForgetConfig fields they take (`from_config`).
 It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency mask `forget()` builds), `mask_retain`
-(whether retain gradients are masked too) and `forget_loss` (None: no forget steps). `prepare` may cache
-artefacts beside the run and choose the data the retain steps draw from.
+(whether retain gradients are masked too), `forget_loss` (None: no forget steps), `supports_latent_cache`
+(whether cached VAE moments can stand in for its data) and `shared_artifacts` (the files `prepare` writes
+beside the run that depend only on the base model and the seed, which a study makes once and shares).
+`prepare` may cache artefacts beside the run and choose the data the retain steps draw from. Register a new
+method with `methods.register_method`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Method:
     paper: ClassVar[str]  # where the method comes from
     mask_kind: ClassVar[str | None] = None
     mask_retain: ClassVar[bool] = False
+    supports_latent_cache: ClassVar[bool] = True
+    shared_artifacts: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, cfg) -> Method:

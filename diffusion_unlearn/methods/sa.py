@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
-from diffusion_unlearn.fileio import atomic_path
+from diffusion_unlearn.fileio import save_safetensors_atomic
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
 
@@ -31,11 +31,6 @@ REFERENCE_FISHER_DROPOUT = 0.1  # the SA Fisher keeps the training label dropout
 def ewc_penalty(params: dict[str, torch.Tensor], fisher: Mask, anchor: Mask) -> torch.Tensor:
     """Σ_i F_i (θ_i − θ*_i)² over all parameters (SA's EWC term, §2.3)."""
     return sum(((p - anchor[n]).square() * fisher[n]).sum() for n, p in params.items())
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 @dataclass
@@ -50,6 +45,8 @@ class SelectiveAmnesia(Method):
     seed: int = 0
 
     name = "sa"
+    supports_latent_cache = False  # its forget loss draws surrogate images and its retain set is generated
+    shared_artifacts = (REPLAY_FILE, FISHER_FILE)  # the base model's samples of every class and their Fisher
     paper = "Heng & Soh, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models " \
             "(NeurIPS 2023)"
 
@@ -68,7 +65,7 @@ class SelectiveAmnesia(Method):
                 backbone, ((images + 1) / 2 if quirk else images).to(device), labels.to(device),
                 timesteps=self.sa_fisher_timesteps, chunk=self.sa_fisher_chunk,
                 cfg_dropout=REFERENCE_FISHER_DROPOUT if quirk else 0.0, seed=self.seed)
-            _save(self.fisher, out_dir / FISHER_FILE)
+            save_safetensors_atomic(self.fisher, out_dir / FISHER_FILE)
         return replay.with_classes([c for c in range(replay.num_classes) if c != self.forget_class])
 
     def replay_set(self, backbone, like: ImageDataset, path: Path) -> ImageDataset:
@@ -77,7 +74,7 @@ class SelectiveAmnesia(Method):
             images, labels = backbone.generate(list(range(like.num_classes)), self.sa_samples_per_class,
                                                self.sampler)  # (N, C, H, W) in [-1, 1], (N,)
             pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-            _save({"pixels": pixels, "labels": labels}, path)
+            save_safetensors_atomic({"pixels": pixels, "labels": labels}, path)
         saved = load_file(path)
         return ImageDataset(name="sa-replay", split="train", root=str(path), class_names=like.class_names,
                             channels=like.channels, image_size=like.image_size, transform_id="sa-replay-uint8",
