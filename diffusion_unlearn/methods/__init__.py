@@ -14,16 +14,14 @@ from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, Random
 from diffusion_unlearn.methods.sa import SelectiveAmnesia
 from diffusion_unlearn.methods.salun import SalUn
 from diffusion_unlearn.methods.sfron import SFRon
+from diffusion_unlearn.registries import register
 
 METHODS: dict[str, type[Method]] = {}  # name → method class, in registration order
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Add `cls` to the methods under `cls.name` (usable as a class decorator); a name is registered once."""
-    if METHODS.get(cls.name, cls) is not cls:
-        raise ValueError(f"method {cls.name!r} is already registered as {METHODS[cls.name].__name__}")
-    METHODS[cls.name] = cls
-    return cls
+    return register(METHODS, cls, "method")
 
 
 for _method in (SFRon, SalUn, SelectiveAmnesia, GradientAscent, RandomLabel, FineTune):

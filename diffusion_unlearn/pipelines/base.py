@@ -15,6 +15,8 @@ from typing import ClassVar, Protocol, Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
+from diffusion_unlearn.registries import register
+
 
 @dataclass(frozen=True)
 class SamplerDefaults:
@@ -111,7 +113,4 @@ BACKBONES: dict[str, type[Backbone]] = {}  # name → backbone class, in registr
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     """Add `cls` to the registry under `cls.name` (usable as a class decorator); a name is registered once."""
-    if BACKBONES.get(cls.name, cls) is not cls:
-        raise ValueError(f"backbone {cls.name!r} is already registered as {BACKBONES[cls.name].__name__}")
-    BACKBONES[cls.name] = cls
-    return cls
+    return register(BACKBONES, cls, "backbone")
