@@ -126,8 +126,8 @@ def check_latent_cache(method, backbone, retain_limit: int) -> None:
     if retain_limit < 1:
         raise UserError(f"--latent-cache-retain must be at least 1, got {retain_limit}")
     if not backbone.supports_latent_cache:
-        raise UserError(f"--latent-cache needs a latent (e.g. DiT) model; this {backbone.name} model denoises "
-                        "pixels: drop the flag")
+        raise UserError(f"--latent-cache needs a latent (DiT) model; this {backbone.name} one denoises pixels: "
+                        "drop the flag")
     if not method.supports_latent_cache:
         raise UserError(f"--latent-cache does not apply to {method.name}: its steps draw images of their own, not "
                         "the dataset's; drop the flag")
