@@ -166,7 +166,6 @@ class MaskConfig:
         return self
 
 
-MethodName = Literal["sfron", "salun", "sa", "ga", "rl", "ft"]
 
 
 @config_class
@@ -180,7 +179,7 @@ class ForgetConfig:
     data_root: str | None = None
     forget_class: int = 0
     out: str = "runs/forget"
-    method: MethodName = "sfron"
+    method: str = field(default="sfron", metadata={"help": "a registered method (`diffusion-unlearn methods`)"})
     method_args: dict[str, Any] = field(default_factory=dict, metadata={"method_args": True})
     optim: Literal["dual", "shared", "dual-m", "dual-v"] = "dual"  # dual-m/-v: only m / only v apart (Table 17)
     schedule: Literal["alternate", "joint"] = "alternate"
@@ -361,7 +360,16 @@ def method_class(name: str) -> type:
     """The method registered as `name` (imported here, not at module load: the methods import this module)."""
     from diffusion_unlearn.methods import METHODS
 
+    if name not in METHODS:
+        raise UserError(f"method: unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def forget_registry_caches() -> None:
+    """After a method registers: the tables derived from the registered methods are built again."""
+    method_arguments.cache_clear()
+    alias_table.cache_clear()
+    _adapter.cache_clear()
 
 
 @functools.cache

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import AutoencoderKL
-
 from diffusion_unlearn.config import ConvertConfig
 from diffusion_unlearn.fileio import UserError, strip_prefix
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
@@ -33,7 +31,9 @@ from diffusion_unlearn.models.convert_lineage import read_lineage_checkpoint, un
 from diffusion_unlearn.models.unet_lineage import UNET_PRESETS
 from diffusion_unlearn.pickled_tensors import load_tensor_pickle
 from diffusion_unlearn.methods.sa import save_fisher
+from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
 from diffusion_unlearn.saliency import Mask, mask_density, ratio_mask, read_tensor_file, save_mask
+from diffusion_unlearn.vae import load_vae
 
 # torchvision/CIFAR-10 `batches.meta` order, the label order of every lineage CIFAR-10 run (§1.7).
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -56,44 +56,35 @@ def indexed_class_names(spec: str, num_classes: int, owner: str = "the DiT") -> 
     return names
 
 
-def load_vae(folder: str | None) -> AutoencoderKL:
-    """A diffusers `AutoencoderKL` folder, or a pipeline folder holding one under `vae/`."""
-    if not folder or not Path(folder).is_dir():
-        raise UserError(f"--from dit-original needs --vae FOLDER, a diffusers AutoencoderKL folder (e.g. "
-                        f"stabilityai/sd-vae-ft-ema); got {folder!r}")
-    path = Path(folder) / "vae" if (Path(folder) / "vae" / "config.json").is_file() else Path(folder)
-    try:
-        return AutoencoderKL.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - not a VAE folder, or broken weights
-        raise UserError(f"cannot read a VAE from {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-
-
 def convert_dit(cfg: ConvertConfig) -> dict:
     """An original/reference `.pt` (+ `--vae`) or a diffusers DiT folder → a DiT model folder at `cfg.out`."""
     if cfg.from_format == "dit-original":
+        if not cfg.vae or not Path(cfg.vae).is_dir():
+            raise UserError(f"--from dit-original needs --vae FOLDER, a diffusers AutoencoderKL folder (e.g. "
+                            f"stabilityai/sd-vae-ft-ema); got {cfg.vae!r}")
         vae = load_vae(cfg.vae)
         model = load_original_dit(cfg.path, cfg.dit_size, cfg.num_heads, trust_pickle=cfg.trust_pickle)
     else:
         model, vae, _ = load_diffusers_dit_folder(cfg.path)
     names = indexed_class_names(cfg.class_names, int(model.config.num_classes))
-    meta = ModelMeta(class_names=names, weights=cfg.weights, backbone="dit",
+    meta = ModelMeta(class_names=names, weights=cfg.weights, backbone=LatentDiTBackbone.name,
                      history=[{"op": "convert", "source": str(Path(cfg.path).resolve()), "format": cfg.from_format,
                                "weights": cfg.weights}])
     save_model_folder(cfg.out, model, meta, vae=vae)
-    return {"out": cfg.out, "backbone": "dit", "weights": cfg.weights,
+    return {"out": cfg.out, "backbone": LatentDiTBackbone.name, "weights": cfg.weights,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def export_dit(cfg: ConvertConfig) -> dict:
     """Our DiT model folder (PATH) → the original's plain `.pt` or a stock diffusers `DiTPipeline` folder."""
     loaded = load_model_folder(cfg.path)
-    if loaded.meta.backbone != "dit":
+    if not LatentDiTBackbone.owns(loaded.denoiser):
         raise UserError(f"--to {cfg.to_format} exports DiT model folders; {cfg.path} holds a "
                         f"{loaded.meta.backbone} model")
     if cfg.to_format == "dit-original":
-        save_original_dit(loaded.unet, cfg.out)
+        save_original_dit(loaded.denoiser, cfg.out)
         return {"out": cfg.out, "format": "dit-original"}
-    export_diffusers_pipeline(loaded.unet, loaded.vae, cfg.out)
+    export_diffusers_pipeline(loaded.denoiser, loaded.vae, cfg.out)
     return {"out": cfg.out, "format": "diffusers-dit",
             "note": "stock diffusers' timestep frequencies (/127) move outputs by up to ~0.04 (docs/dit.md); "
                     "its DiTPipeline guides with null label 1000, so only 1000-class models guide correctly"}

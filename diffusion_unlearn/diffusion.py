@@ -27,9 +27,18 @@ class NoiseSchedule:
         return self
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε."""
-        a = self.alphas_cumprod.index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
-        return x0 * a.sqrt() + noise * (1.0 - a).sqrt()
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (float32 square roots of the float32 ᾱ)."""
+        return q_sample(x0, t, noise, self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt())
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
+             sqrt_one_minus_alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε for any schedule, from its tables √ᾱ and √(1−ᾱ) (T,), taken at `t` (B,) and
+    cast to float32."""
+    shape = (-1, *([1] * (x0.dim() - 1)))
+    a = sqrt_alphas_cumprod.to(t.device)[t].float().view(shape)  # (B, 1, 1, 1)
+    b = sqrt_one_minus_alphas_cumprod.to(t.device)[t].float().view(shape)  # (B, 1, 1, 1)
+    return a * x0 + b * noise
 
 
 def antithetic_timesteps(batch: int, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_unlearn.parameters import named_trainable_parameters
+
 
 class EMA:
     """`warmup` uses μ_k = min(μ, (1 + k)/(10 + k)) so short runs (the digits default) are not dominated
@@ -11,8 +13,8 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, rate: float, warmup: bool = False):
         self.rate, self.warmup, self.updates = rate, warmup, 0
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        params = named_trainable_parameters(model)
+        self.names, self.params = list(params), list(params.values())
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()

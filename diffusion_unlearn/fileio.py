@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import save_file
 
 
 class UserError(Exception):
@@ -141,6 +142,13 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (made contiguous, on the CPU) as a safetensors file at `path` atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _json_default(o: Any) -> Any:

@@ -120,15 +120,17 @@ def bounded_subset(dataset: ImageDataset, limit: int, seed: int = 0) -> ImageDat
     return dataset.subset(order[:limit].sort().values)
 
 
-def check_latent_cache(method: str, backbone: str, retain_limit: int) -> None:
-    """A one-line error, before any work, where cached latents cannot stand in for the images."""
+def check_latent_cache(method, backbone, retain_limit: int) -> None:
+    """A one-line error, before any work, where cached latents cannot stand in for the images: the `method`
+    (a `Method`) and the `backbone` (class) each declare whether they can use them (`supports_latent_cache`)."""
     if retain_limit < 1:
         raise UserError(f"--latent-cache-retain must be at least 1, got {retain_limit}")
-    if backbone != "dit":
-        raise UserError("--latent-cache needs a latent (DiT) model; this one denoises pixels: drop the flag")
-    if method == "sa":
-        raise UserError("--latent-cache does not apply to sa: its forget loss draws surrogate images and its retain "
-                        "set is generated; drop the flag")
+    if not backbone.supports_latent_cache:
+        raise UserError(f"--latent-cache needs a latent (DiT) model; this {backbone.name} one denoises pixels: "
+                        "drop the flag")
+    if not method.supports_latent_cache:
+        raise UserError(f"--latent-cache does not apply to {method.name}: its steps draw images of their own, not "
+                        "the dataset's; drop the flag")
 
 
 def forget_retain_moments(vae: AutoencoderKL, forget_set: ImageDataset, retain_set: ImageDataset, *,

@@ -16,12 +16,10 @@ from diffusers.utils import logging as diffusers_logging
 
 from diffusion_unlearn.data import ImageDataset, load_dataset
 from diffusion_unlearn.fileio import UserError, atomic_dir, read_json, write_json
-from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
-from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
-from diffusion_unlearn.pipelines.pipeline_class_conditional import (ClassConditionalPipeline, training_scheduler,
-                                                                    unet_num_classes, unet_sample_shape)
-from diffusion_unlearn.pipelines.pipeline_dit import ClassConditionalDiTPipeline, dit_training_scheduler
+from diffusion_unlearn.pipelines.base import Backbone
+from diffusion_unlearn.pipelines.pipeline_class_conditional import unet_num_classes
+from diffusion_unlearn.pipelines.registry import BACKBONES, backbone_class, backbone_for_denoiser
+from diffusion_unlearn.pipelines.sampling import Pipeline
 
 META_FILE = "diffusion_unlearn.json"
 NULL_CONVENTION = "class index K = num_classes is the null (unconditional) class"
@@ -43,21 +41,6 @@ class ModelMeta:
         return len(self.class_names)
 
 
-PIPELINES = {"ddpm": ClassConditionalPipeline, "dit": ClassConditionalDiTPipeline}
-Pipeline = ClassConditionalPipeline | ClassConditionalDiTPipeline
-
-
-def image_shape(denoiser: torch.nn.Module, vae: AutoencoderKL | None = None) -> tuple[int, int, int]:
-    """(C, H, W) of the images a model generates and trains on: the U-Net's own, or for a latent DiT the
-    VAE's in-channels and the latent side × the VAE's downsampling factor 2^(levels − 1)."""
-    if not isinstance(denoiser, ClassConditionalDiT):
-        return unet_sample_shape(denoiser)
-    if vae is None:
-        raise ValueError("a DiT needs its VAE")
-    side = int(denoiser.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return (int(vae.config.in_channels), side, side)
-
-
 @dataclass
 class LoadedModel:
     pipeline: Pipeline
@@ -65,74 +48,96 @@ class LoadedModel:
     path: Path
 
     @property
-    def unet(self) -> torch.nn.Module:
+    def backbone_class(self) -> type[Backbone]:
+        return backbone_class(self.meta.backbone)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
         """The trainable denoiser: the U-Net, or the DiT transformer (never the frozen VAE)."""
-        return self.pipeline.transformer if self.meta.backbone == "dit" else self.pipeline.unet
+        return self.backbone_class.denoiser_of(self.pipeline)
 
     @property
     def vae(self) -> AutoencoderKL | None:
-        return self.pipeline.vae if self.meta.backbone == "dit" else None
+        return self.backbone_class.vae_of(self.pipeline)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images (for a DiT: decoded images, not latents)."""
-        return image_shape(self.unet, self.vae)
+        return self.backbone_class.image_shape(self.denoiser, self.vae)
 
-    def backbone(self, model: torch.nn.Module | None = None) -> DDPMBackbone | LatentDiTBackbone:
+    def backbone(self, model: torch.nn.Module | None = None) -> Backbone:
         """The adapter forget methods run on; `model` is the (possibly accelerate-wrapped) denoiser to call."""
-        if self.meta.backbone == "dit":
-            return LatentDiTBackbone(self.unet, self.vae, model=model)
-        return DDPMBackbone(self.unet, model=model)
+        return self.backbone_class.from_parts(self.denoiser, self.vae, model)
 
 
-def save_model_folder(path: str | Path, unet: torch.nn.Module, meta: ModelMeta,
+def save_model_folder(path: str | Path, denoiser: torch.nn.Module, meta: ModelMeta,
                       vae: AutoencoderKL | None = None, extra: dict[str, dict] | None = None) -> Path:
-    """Write atomically: a killed write never leaves a half folder at `path`. A `ClassConditionalDiT` is saved
-    with its `vae` (meta `backbone: dit`), any other denoiser as a pixel-space DDPM. `extra` maps file names to
-    objects `torch.save`d into the same atomic write (e.g. a training state beside its weights)."""
+    """Write atomically: a killed write never leaves a half folder at `path`. The backbone is `meta.backbone`
+    when that one takes `denoiser`, else the registered backbone that does (a `ClassConditionalDiT` is saved
+    with its `vae` as `dit`). `extra` maps file names to objects `torch.save`d into the same atomic write (e.g.
+    a training state beside its weights)."""
     path = Path(path)
-    if unet_num_classes(unet) != meta.num_classes:
+    if unet_num_classes(denoiser) != meta.num_classes:
         raise ValueError("class names do not match the model's class count")
-    c, h, _ = image_shape(unet, vae)
-    dit = isinstance(unet, ClassConditionalDiT)
-    pipeline = (ClassConditionalDiTPipeline(transformer=unet, vae=vae, scheduler=dit_training_scheduler()) if dit
-                else ClassConditionalPipeline(unet=unet, scheduler=training_scheduler()))
+    cls = backbone_for_denoiser(denoiser, meta.backbone)
+    c, h, _ = cls.image_shape(denoiser, vae)
     with atomic_dir(path) as tmp:
-        pipeline.save_pretrained(tmp)
-        record = dataclasses.asdict(dataclasses.replace(meta, backbone="dit" if dit else "ddpm"))
+        cls.pipeline(denoiser, vae).save_pretrained(tmp)
+        record = dataclasses.asdict(dataclasses.replace(meta, backbone=cls.name))
         record.update(num_classes=meta.num_classes, null_class=meta.num_classes, channels=c, image_size=h,
-                      model_class=type(unet).__name__)
+                      model_class=type(denoiser).__name__)
         write_json(tmp / META_FILE, record)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
     return path
 
 
-def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def model_folder_path(path: str | Path) -> Path:
+    """The model folder `path` names: itself, or the `model/` of a `forget` run folder."""
     path = Path(path)
+    if not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        return path / "model"
+    return path
+
+
+def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model folder at `path`, or the `model/` of the `forget` run folder at `path`, on `device`."""
+    path = model_folder_path(path)
     if not path.is_dir():
-        raise UserError(f"model folder not found: {path} (train one with `diffusion-unlearn pretrain` "
-                        "or convert a checkpoint with `diffusion-unlearn convert`)")
+        raise UserError(f"model folder not found: {path} (pass a model folder or a `forget` run folder holding "
+                        "model/; train one with `diffusion-unlearn pretrain` or convert a checkpoint with "
+                        "`diffusion-unlearn convert`)")
     for name in ("model_index.json", META_FILE):
         if not (path / name).is_file():
-            raise UserError(f"{path} is not a diffusion-unlearn model folder: {name} is missing")
+            raise UserError(f"{path} is not a diffusion-unlearn model folder: {name} is missing (pass a model "
+                            "folder or a `forget` run folder holding model/)")
     record = read_json(path / META_FILE)
     fields = {f.name for f in dataclasses.fields(ModelMeta)}
     meta = ModelMeta(**{k: v for k, v in record.items() if k in fields})
-    if meta.backbone not in PIPELINES:
+    if meta.backbone not in BACKBONES:
         raise UserError(f"{path}/{META_FILE} names backbone {meta.backbone!r}; expected one of "
-                        f"{', '.join(PIPELINES)} (re-convert the model)")
+                        f"{', '.join(BACKBONES)} (re-convert the model)")
+    cls = BACKBONES[meta.backbone]
     try:
         diffusers_logging.disable_progress_bar()  # a bar for loading two components is noise
-        pipeline = PIPELINES[meta.backbone].from_pretrained(path)
+        pipeline = cls.pipeline_class.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - corrupt or truncated weights
         raise UserError(f"cannot read the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     finally:
         diffusers_logging.enable_progress_bar()
-    if meta.backbone == "dit":
-        pipeline.vae.requires_grad_(False)  # frozen: never in masks, optimizers, EMA or state
+    cls.prepare_loaded(pipeline)
     pipeline.to(device)
     return LoadedModel(pipeline=pipeline, meta=meta, path=path)
+
+
+def load_model_and_data(model: str | Path, dataset: str, data_root: str | None, forget_class: int,
+                        device: str | torch.device = "cpu") -> tuple[LoadedModel, ImageDataset]:
+    """The model folder, its training dataset as the model sees it, both checked against each other and
+    `forget_class` (`check_model_data`) before any work."""
+    loaded = load_model_folder(model, device)
+    data = load_model_dataset(loaded, dataset, data_root)
+    check_model_data(loaded, data, forget_class)
+    return loaded, data
 
 
 def load_model_dataset(loaded: LoadedModel, name: str, root: str | None, split: str = "train") -> ImageDataset:

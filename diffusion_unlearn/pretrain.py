@@ -21,14 +21,12 @@ from diffusion_unlearn.ema import EMA
 from diffusion_unlearn.fileio import UserError, read_json, write_json
 from diffusion_unlearn.latents import CACHE_SUBDIR, cached_moments
 from diffusion_unlearn.modelfolder import ModelMeta, save_model_folder
-from diffusion_unlearn.models.factory import build_dit, build_unet, dit_spec
 from diffusion_unlearn.optim import OptimizerSpec
+from diffusion_unlearn.parameters import trainable_parameters
+from diffusion_unlearn.pipelines.registry import backbone_for_architecture
 from diffusion_unlearn.preflight import check_writable_dir
 from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, state_record
-from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
-from diffusion_unlearn.vae import (build_vae, check_vae_fits, latent_side, load_vae, measure_scaling_factor,
-                                   train_vae)
+from diffusion_unlearn.vae import build_vae, check_vae_fits, load_vae, measure_scaling_factor, train_vae
 
 STATE_FILE = "training_state.pt"
 TRAINING_FILE = "training.json"
@@ -63,23 +61,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
         dataset = dataset.with_classes([c for c in range(k) if c != cfg.exclude_class])
 
     resuming = (out / STATE_FILE).is_file()
-    vae = None
-    if cfg.backbone == "dit":
-        dit_spec(cfg.model_preset)  # an unknown preset fails before the VAE trains
-        vae = latent_vae(cfg, dataset, out, resuming, device)
+    kind = backbone_for_architecture(cfg.backbone)
+    kind.check_preset(cfg.backbone, cfg.model_preset)  # an unknown preset fails before a VAE trains
+    vae = latent_vae(cfg, dataset, out, resuming, device) if kind.needs_vae else None
 
     torch.manual_seed(cfg.seed)
-    if vae is None:
-        unet = build_unet(cfg.backbone, cfg.model_preset, channels=dataset.channels, image_size=dataset.image_size,
-                          num_classes=k).to(device)
-        backbone, data = DDPMBackbone(unet), dataset
-    else:
-        unet = build_dit(cfg.model_preset, latent_channels=int(vae.config.latent_channels),
-                         latent_size=latent_side(vae, dataset.image_size), num_classes=k).to(device)
-        backbone = LatentDiTBackbone(unet, vae)
-        data = (cached_moments(vae, dataset, hflip=cfg.hflip, cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
-                if cfg.latent_cache else dataset)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    unet = kind.build_denoiser(cfg.backbone, cfg.model_preset, channels=dataset.channels,
+                               image_size=dataset.image_size, num_classes=k, vae=vae).to(device)
+    backbone = kind.from_parts(unet, vae)
+    data = (cached_moments(vae, dataset, hflip=cfg.hflip, cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
+            if cfg.latent_cache and kind.supports_latent_cache else dataset)
+    params = trainable_parameters(unet)
     opt = OptimizerSpec(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay).build(params)
     ema = EMA(unet, cfg.ema_rate, warmup=cfg.ema_warmup)
     stream = BatchStream(data, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
@@ -94,7 +86,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         start, losses = state["iteration"], state["losses"]
         print(f"pretrain: resuming {out} from iteration {start} of {cfg.iterations} ({STATE_FILE})", file=sys.stderr)
 
-    meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, dataset=cfg.dataset,
+    meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, backbone=kind.name, dataset=cfg.dataset,
                      excluded_classes=[] if cfg.exclude_class is None else [cfg.exclude_class],
                      history=[{"op": "pretrain", "iterations": cfg.iterations, "seed": cfg.seed,
                                **({} if vae is None else {"vae": cfg.vae or f"trained: {cfg.vae_preset} preset, "

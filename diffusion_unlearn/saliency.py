@@ -8,16 +8,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffusion_unlearn.fileio import UserError, atomic_path, load_pickled_checkpoint, strip_prefix
+from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint, save_safetensors_atomic, strip_prefix
+from diffusion_unlearn.parameters import named_trainable_parameters
 
 Mask = dict[str, torch.Tensor]  # parameter name → bool tensor of the parameter's shape
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _batch_gradients(backbone, dataset, *, batch_size: int, max_batches: int | None, guidance_w: float | None,
@@ -25,7 +22,7 @@ def _batch_gradients(backbone, dataset, *, batch_size: int, max_batches: int | N
     """(parameters, number of batches, gradients): ∇_θ of the batch-mean loss for each batch of a fixed shuffle of
     `dataset`, the model in eval mode, each batch gradient clipped to global norm `clip` when given."""
     model = backbone.model
-    params = trainable_parameters(model)
+    params = named_trainable_parameters(model)
     tensors = list(params.values())
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,) a fixed shuffle
     batches = [order[s:s + batch_size] for s in range(0, len(dataset), batch_size)][: max_batches or None]
@@ -222,8 +219,7 @@ def mask_density(mask: Mask) -> float:
 
 def save_mask(path: str | Path, mask: Mask, metadata: dict) -> None:
     meta = {k: json.dumps(v) for k, v in {**metadata, "density": mask_density(mask)}.items()}
-    with atomic_path(path) as tmp:
-        save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in mask.items()}, str(tmp), metadata=meta)
+    save_safetensors_atomic({k: v.to(torch.uint8) for k, v in mask.items()}, path, metadata=meta)
 
 
 def read_tensor_file(path: str | Path, *, trust_pickle: bool | None = None) -> dict[str, torch.Tensor]:
@@ -250,7 +246,7 @@ def load_mask(path: str | Path, model: torch.nn.Module | None = None, *, trust_p
     `with_0.5.pt`; `module.` stripped). With `model`, names and shapes are checked against it."""
     mask = {k: v != 0 for k, v in read_tensor_file(path, trust_pickle=trust_pickle).items()}
     if model is not None:
-        params = trainable_parameters(model)
+        params = named_trainable_parameters(model)
         missing = sorted(set(params) - set(mask))
         if missing:
             raise UserError(f"mask {path} has no entry for {len(missing)} parameters (e.g. {missing[0]}); "
@@ -277,7 +273,7 @@ class GradientMask:
     inf to NaN), bitwise as the float factors gave."""
 
     def __init__(self, model: torch.nn.Module, mask: Mask):
-        params = trainable_parameters(model)
+        params = named_trainable_parameters(model)
         self.params = list(params.values())
         self.factors = [mask[n].to(device=p.device, dtype=torch.bool) for n, p in params.items()]
 

@@ -34,14 +34,13 @@ from diffusion_unlearn.eval.fid import find_inception_weights
 from diffusion_unlearn.eval.study_report import write_study_outputs
 from diffusion_unlearn.fileio import UserError, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
-from diffusion_unlearn.methods.sa import FISHER_FILE, REPLAY_FILE
-from diffusion_unlearn.modelfolder import LoadedModel, check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
+from diffusion_unlearn.pipelines.sampling import Pipeline, parse_classes
 from diffusion_unlearn.preflight import check_writable_dir
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.provenance import (NO_EFFECT, Provenance, check_reuse, model_files_identity, settings_of,
                                           short_key)
 from diffusion_unlearn.saliency import compute_mask, mask_description, mask_metadata, save_mask
-from diffusion_unlearn.sample import Pipeline, parse_classes
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 from diffusion_unlearn.unlearn import OutputPaths, Probe, forget, mask_record, run_record
 
@@ -209,8 +208,9 @@ def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: 
 @dataclass
 class SharedArtifacts:
     """What a cell shares with the other cells of its class and seed, made once before the cells run: its
-    saliency mask file (SFRon, SalUn; `mask` and `mask_kind` say how) or SA's replay and Fisher files (all
-    classes, the base model's), which the cell's run folder links."""
+    saliency mask file (SFRon, SalUn; `mask` and `mask_kind` say how) or the files its method declares in
+    `Method.artefacts` (SA's replay and Fisher: all classes, the base model's), which the cell's run folder
+    links."""
 
     files: list[Path]
     mask: MaskSettings | None = None
@@ -232,9 +232,9 @@ def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifact
     """A cell's shared files, named by a key of the settings they depend on (a changed preset makes new ones)."""
     fc = forget_config(cfg, cell, root / "unused")
     method = build_method(fc)
-    if cell.method == "sa":
-        folder = root / "shared" / f"sa-s{cell.seed}-{short_key(method.artefact_settings())}"
-        return SharedArtifacts([folder / REPLAY_FILE, folder / FISHER_FILE])
+    if method.artefacts:
+        folder = root / "shared" / f"{cell.method}-s{cell.seed}-{short_key(method.artefact_settings())}"
+        return SharedArtifacts([folder / name for name in method.artefacts])
     kind = method.mask_kind
     if kind is None:
         return None
@@ -318,9 +318,8 @@ _WORKER: dict[str, Evaluator] = {}  # a `--jobs` worker process's evaluator, bui
 
 def _start_worker(cfg: StudyConfig, threads: int) -> None:
     torch.set_num_threads(threads)
-    loaded = load_model_folder(cfg.model)
-    _WORKER["evaluator"] = _evaluator(cfg, load_model_dataset(loaded, cfg.dataset, cfg.data_root),
-                                      loaded.meta.backbone)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, 0)
+    _WORKER["evaluator"] = _evaluator(cfg, dataset, loaded.meta.backbone)
 
 
 def _run_cell_in_worker(cfg: StudyConfig, cell: Cell) -> dict:
@@ -370,9 +369,7 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
         raise UserError("--classifier is required: an FA classifier folder (`train-classifier`, or the demo's "
                         ".cache/diffusion-unlearn/digits-classifier)")
     check_writable_dir(cfg.out, "--out")
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    check_model_data(loaded, dataset, 0)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, 0, resolve_device(cfg.device))
     check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":
         find_inception_weights(cfg.fid_weights)

@@ -19,24 +19,23 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
-
 from diffusion_unlearn.config import ForgetConfig, MaskConfig, config_to_dict, resolve_device, write_config_yaml
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.ema import EMA
-from diffusion_unlearn.fileio import UserError, WriteError, append_jsonl, atomic_path, file_hash, torch_save_atomic
+from diffusion_unlearn.fileio import (UserError, WriteError, append_jsonl, atomic_path, file_hash,
+                                      save_safetensors_atomic, torch_save_atomic)
 from diffusion_unlearn.grids import save_image_atomic
 from diffusion_unlearn.latents import CACHE_SUBDIR, check_latent_cache, forget_retain_moments
 from diffusion_unlearn.methods import METHODS, Method, build_method
-from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder, save_model_folder
+from diffusion_unlearn.modelfolder import load_model_and_data, save_model_folder
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec
-from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.pipelines.latent_backbone import LatentDiTBackbone
+from diffusion_unlearn.parameters import trainable_parameters
+from diffusion_unlearn.pipelines.base import Backbone
+from diffusion_unlearn.pipelines.sampling import Pipeline, class_grid, parse_classes
 from diffusion_unlearn.preflight import check_disk_for, check_readable_file, check_writable_dir
 from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, settings_of, state_record
 from diffusion_unlearn.saliency import (GradientMask, compute_mask, load_mask, mask_density, mask_description,
                                         mask_metadata, save_mask)
-from diffusion_unlearn.sample import Pipeline, class_grid, parse_classes
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 StepCallback = Callable[[int, str], None]  # (iteration, "forget" | "retain" | "joint"), after each step
@@ -152,17 +151,17 @@ def discard_run(paths: OutputPaths) -> None:
 class Unlearner:
     """Holds everything the loop mutates, so that it can be saved and restored bitwise."""
 
-    def __init__(self, cfg: ForgetConfig, backbone: DDPMBackbone | LatentDiTBackbone, forget_set: ImageDataset,
+    def __init__(self, cfg: ForgetConfig, backbone: Backbone, forget_set: ImageDataset,
                  retain_set: ImageDataset, grad_mask: GradientMask | None, accelerator: Accelerator,
                  method: Method | None = None, record: Provenance | None = None):
         self.cfg, self.backbone, self.accelerator, self.grad_mask = cfg, backbone, accelerator, grad_mask
         self.record = record if record is not None else run_record(cfg)  # stored in every state
         self.method = method if method is not None else build_method(cfg)
-        unet = backbone.unet
-        self.optim = DualOptim(unet.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
+        denoiser = backbone.denoiser
+        self.optim = DualOptim(denoiser.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
                                mode=cfg.optim)
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.ema = EMA(unet, cfg.ema_rate)
+        self.params = trainable_parameters(denoiser)
+        self.ema = EMA(denoiser, cfg.ema_rate)
         rank = accelerator.process_index
         self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed * 1000 + 2 * rank,
                                          hflip=cfg.hflip)
@@ -178,13 +177,13 @@ class Unlearner:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"provenance": self.record.to_dict(), "iteration": self.iteration,
-                "model": self.backbone.unet.state_dict(),
+                "model": self.backbone.denoiser.state_dict(),
                 "optim": self.optim.state_dict(), "ema": self.ema.state_dict(), "rng": rng,
                 "forget_stream": self.forget_stream.state_dict(), "retain_stream": self.retain_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = self.saved_iteration = state["iteration"]
-        self.backbone.unet.load_state_dict(state["model"])
+        self.backbone.denoiser.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.ema.load_state_dict(state["ema"])
         self.forget_stream.load_state_dict(state["forget_stream"])
@@ -315,24 +314,23 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     if model_dir.is_dir():
         check_disk_for(out, model_dir, CHECKPOINT_COPIES)
     accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
-    loaded = load_model_folder(model_dir, accelerator.device)
+    loaded, dataset = load_model_and_data(model_dir, cfg.dataset, cfg.data_root, cfg.forget_class,
+                                          accelerator.device)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid",  # grids, SA replay
                                                accelerator.device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    check_model_data(loaded, dataset, cfg.forget_class)
     if cfg.latent_cache:
-        check_latent_cache(cfg.method, loaded.meta.backbone, cfg.latent_cache_retain)
+        check_latent_cache(build_method(cfg), loaded.backbone_class, cfg.latent_cache_retain)
     grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
-    if cfg.gradient_checkpointing and not getattr(loaded.unet, "_supports_gradient_checkpointing", False):
-        raise UserError(f"{type(loaded.unet).__name__} does not support --gradient-checkpointing; drop the flag")
-    mask = load_mask(cfg.mask.file, loaded.unet) if cfg.mask.file else None
+    if cfg.gradient_checkpointing and not getattr(loaded.denoiser, "_supports_gradient_checkpointing", False):
+        raise UserError(f"{type(loaded.denoiser).__name__} does not support --gradient-checkpointing; drop the flag")
+    mask = load_mask(cfg.mask.file, loaded.denoiser) if cfg.mask.file else None
     made_mask = mask_record(cfg)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
 
     out.mkdir(parents=True, exist_ok=True)
     resuming = paths.state.exists()
     torch.manual_seed(cfg.seed)
-    unet = loaded.unet  # the trainable denoiser (U-Net or DiT transformer; a DiT's VAE stays frozen)
+    unet = loaded.denoiser  # the trainable denoiser (U-Net or DiT transformer; a DiT's VAE stays frozen)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     backbone = loaded.backbone()
@@ -382,8 +380,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
                                                        "iterations": cfg.iterations,
                                                        "provenance": record.to_dict()}])
         save_model_folder(paths.model, unet, meta, vae=loaded.vae)
-        with atomic_path(paths.ema) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in unlearner.ema.weights().items()}, str(tmp))
+        save_safetensors_atomic(unlearner.ema.weights(), paths.ema)
         torch_save_atomic(unlearner.optim.state_dict(), paths.optimizers)
         save_image_atomic(grid(f"after: {cfg.method}+{cfg.optim}, forgot {names[cfg.forget_class]}"),
                           paths.grid_after)
@@ -394,9 +391,8 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
 
 def mask(cfg: MaskConfig) -> dict:
     """The `mask` subcommand: SFRon's Fisher-ratio or SalUn's top-k mask, reusable with `forget --mask FILE`."""
-    loaded = load_model_folder(cfg.model, resolve_device(cfg.device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    check_model_data(loaded, dataset, cfg.forget_class)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, cfg.forget_class,
+                                          resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
     result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg.mask, cfg.kind, cfg.seed)

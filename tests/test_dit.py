@@ -302,7 +302,7 @@ def test_latent_backbone_loss_backward():
     model, vae = tiny_dit(), tiny_vae()
     backbone = LatentDiTBackbone(model, vae)
     assert (backbone.num_classes, backbone.null_class, backbone.sample_shape) == (10, 10, (4, 8, 8))
-    assert backbone.unet is model and backbone.model is model and "pos_embed" not in backbone.named_parameters()
+    assert backbone.denoiser is model and backbone.model is model and "pos_embed" not in backbone.named_parameters()
     model.train()
     torch.manual_seed(0)
     images = torch.rand(4, 3, 16, 16) * 2 - 1

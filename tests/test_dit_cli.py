@@ -54,11 +54,11 @@ def test_model_folder_round_trip(dit_folder):
     assert meta["backbone"] == "dit" and meta["channels"] == 3 and meta["image_size"] == 16
     assert loaded.sample_shape == (3, 16, 16)  # image space: 8 px latents × 2 (two VAE levels)
     backbone = loaded.backbone()
-    assert isinstance(backbone, LatentDiTBackbone) and backbone.transformer is loaded.unet
+    assert isinstance(backbone, LatentDiTBackbone) and backbone.denoiser is loaded.denoiser
     assert not any(p.requires_grad for p in loaded.vae.parameters())
-    assert set(backbone.named_parameters()) == {n for n, _ in loaded.unet.named_parameters()}
+    assert set(backbone.named_parameters()) == {n for n, _ in loaded.denoiser.named_parameters()}
     ref = tiny_dit(K)
-    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in loaded.unet.state_dict().items())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in loaded.denoiser.state_dict().items())
 
 
 def test_dataset_shape_checked_in_image_space(dit_folder, tmp_path, capsys):
@@ -74,8 +74,8 @@ def test_forget_sfron(dit_folder, data, tmp_path, optim):
                  "--optim", optim, "--out", str(out), *TINY_FORGET, "--grid-classes", "2-4"]) == 0
     loaded = load_model_folder(out / "model")
     assert loaded.meta.backbone == "dit" and loaded.meta.forgotten_classes == [3]
-    before = load_model_folder(dit_folder).unet.state_dict()
-    after = loaded.unet.state_dict()
+    before = load_model_folder(dit_folder).denoiser.state_dict()
+    after = loaded.denoiser.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(before["pos_embed"], after["pos_embed"])  # a buffer: never trained
     vae_before, vae_after = load_model_folder(dit_folder).vae.state_dict(), loaded.vae.state_dict()
@@ -83,7 +83,7 @@ def test_forget_sfron(dit_folder, data, tmp_path, optim):
     from safetensors.torch import load_file
 
     assert set(load_file(out / "mask.safetensors")) == set(load_file(out / "ema.safetensors")) == {
-        n for n, _ in loaded.unet.named_parameters()}
+        n for n, _ in loaded.denoiser.named_parameters()}
     with Image.open(out / "grid-after.png") as a, Image.open(out / "grid-before.png") as b:
         assert a.size == b.size
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
@@ -108,7 +108,7 @@ def test_forget_switches_bf16_and_checkpointing(dit_folder, data, tmp_path):
                      "--iterations", "1", "--gradient-checkpointing", "--mixed-precision", "bf16"]) == 0
     finally:
         AcceleratorState._reset_state()
-    assert load_model_folder(out / "model").unet.dtype == torch.float32  # autocast, not a cast of the weights
+    assert load_model_folder(out / "model").denoiser.dtype == torch.float32  # autocast, not a cast of the weights
 
 
 def test_mask_command(dit_folder, data, tmp_path):
@@ -117,8 +117,8 @@ def test_mask_command(dit_folder, data, tmp_path):
                  "--fisher-batch-size", "4", "--fisher-max-batches", "1", "--device", "cpu"]) == 0
     from diffusion_unlearn.saliency import load_mask
 
-    assert set(load_mask(out, load_model_folder(dit_folder).unet)) == {
-        n for n, _ in load_model_folder(dit_folder).unet.named_parameters()}
+    assert set(load_mask(out, load_model_folder(dit_folder).denoiser)) == {
+        n for n, _ in load_model_folder(dit_folder).denoiser.named_parameters()}
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -159,11 +159,11 @@ def test_convert_round_trips(dit_folder, tmp_path, capsys):
     assert main(["convert", "--from", "dit-original", str(pt), "--vae", str(dit_folder), "--num-heads", "2",
                  "--class-names", names, "--out", str(back)]) == 0
     loaded = load_model_folder(back)
-    assert loaded.meta.backbone == "dit" and _same_weights(loaded.unet, base.unet)
+    assert loaded.meta.backbone == "dit" and _same_weights(loaded.denoiser, base.denoiser)
     assert _same_weights(loaded.vae, base.vae)
     # the reference unlearning format {"model": {"module.*"}, "args"} through the same --from
     ref = tmp_path / "0000500.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in base.unet.state_dict().items()}}, ref)
+    torch.save({"model": {f"module.{k}": v for k, v in base.denoiser.state_dict().items()}}, ref)
     assert main(["convert", "--from", "dit-original", str(ref), "--vae", str(dit_folder), "--num-heads", "2",
                  "--class-names", "index", "--out", str(tmp_path / "from-ref")]) == 0
     assert load_model_folder(tmp_path / "from-ref").meta.class_names == [str(i) for i in range(K)]
@@ -173,7 +173,7 @@ def test_convert_round_trips(dit_folder, tmp_path, capsys):
     assert (stock / "transformer" / "config.json").is_file()
     again = tmp_path / "from-diffusers"
     assert main(["convert", "--from", "diffusers-dit", str(stock), "--class-names", names, "--out", str(again)]) == 0
-    assert _same_weights(load_model_folder(again).unet, base.unet)
+    assert _same_weights(load_model_folder(again).denoiser, base.denoiser)
     # one-line errors
     capsys.readouterr()
     assert main(["convert", "--from", "dit-original", str(pt), "--out", str(tmp_path / "x")]) == 2
@@ -205,7 +205,7 @@ def test_preset_loads():
 
 def test_forget_with_a_reference_dit_mask(dit_folder, data, tmp_path):
     """The reference's `fisher_<γ>.pt`: `module.*` bool tensors and `module.pos_embed` the integer 0."""
-    unet = load_model_folder(dit_folder).unet
+    unet = load_model_folder(dit_folder).denoiser
     mask = {f"module.{n}": torch.rand(p.shape) < 0.5 for n, p in unet.named_parameters()}
     path = tmp_path / "fisher_3.0.pt"
     torch.save({**mask, "module.pos_embed": 0}, path)

@@ -128,7 +128,7 @@ def test_dit_pretrain_writes_a_dit_folder_with_its_vae(dit_base, digits):
     out, cache = dit_base
     loaded = load_model_folder(out)
     assert loaded.meta.backbone == "dit" and loaded.sample_shape == (1, 8, 8)
-    assert loaded.unet.config.in_channels == 4 and loaded.unet.config.sample_size == 4
+    assert loaded.denoiser.config.in_channels == 4 and loaded.denoiser.config.sample_size == 4
     factor = loaded.vae.config.scaling_factor
     assert factor != 0.18215 and loaded.meta.history[0]["vae_scaling_factor"] == factor
     assert measure_scaling_factor(copy.deepcopy(loaded.vae), digits, seed=0) == pytest.approx(factor, rel=1e-6)

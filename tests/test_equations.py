@@ -154,7 +154,7 @@ def test_fisher_quirk_switches_change_the_diagonal(tiny_model):
     from diffusion_unlearn.modelfolder import load_model_folder
     from diffusion_unlearn.saliency import fisher_diagonal
 
-    backbone = DDPMBackbone(load_model_folder(tiny_model).unet)
+    backbone = DDPMBackbone(load_model_folder(tiny_model).denoiser)
     data = load_dataset("digits").with_classes([3])
     kw = dict(batch_size=16, max_batches=2, seed=0)
     total = lambda f: sum(float(v.sum()) for v in f.values())  # noqa: E731

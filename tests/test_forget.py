@@ -49,9 +49,9 @@ def test_forget_writes_every_output(tiny_model, tmp_path):
     assert loaded.meta.history[-1]["method"] == "sfron"
     # the input model folder is untouched
     base = load_model_folder(tiny_model)
-    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, loaded.unet.state_dict()[k])]
+    changed = [k for k, v in base.denoiser.state_dict().items() if not torch.equal(v, loaded.denoiser.state_dict()[k])]
     assert changed
-    assert load_mask(run / "mask.safetensors", loaded.unet)
+    assert load_mask(run / "mask.safetensors", loaded.denoiser)
     assert 0 < result["mask_density"] < 1
 
 
@@ -59,8 +59,8 @@ def test_masked_weights_do_not_move_under_dual(tiny_model, tmp_path):
     """With retain steps off, only the forget optimizer moves weights: masked ones must stay exact."""
     forget(_cfg(tiny_model, tmp_path / "run", retain_steps=0, ema_rate=0.0))
     m = load_mask(tmp_path / "run" / "mask.safetensors")
-    before = load_model_folder(tiny_model).unet.state_dict()
-    after = load_model_folder(tmp_path / "run" / "model").unet.state_dict()
+    before = load_model_folder(tiny_model).denoiser.state_dict()
+    after = load_model_folder(tmp_path / "run" / "model").denoiser.state_dict()
     for k, keep in m.items():
         assert torch.equal(before[k][~keep], after[k][~keep]), k
 
@@ -167,7 +167,7 @@ def test_mask_command_and_reuse(tiny_model, tmp_path):
 def test_probe_is_logged_and_leaves_training_unchanged(tiny_model, tmp_path):
     """Curve probes (the study's FA/FID over iterations) sample from the weights in training: the run must end
     bitwise where an unprobed run ends, with the probe's values in the log records of the probed iterations."""
-    from diffusion_unlearn.sample import generate
+    from diffusion_unlearn.pipelines.sampling import generate
     from diffusion_unlearn.unlearn import Probe
 
     def measure(pipeline):

@@ -24,7 +24,8 @@ from diffusion_unlearn.eval.fid import reference_cache_name, reference_indices, 
 from diffusion_unlearn.eval.import_classifier import ImportClassifierConfig, import_classifier
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
-from diffusion_unlearn.sample import generate, sample
+from diffusion_unlearn.pipelines.sampling import generate
+from diffusion_unlearn.sample import sample
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 K = 10

@@ -36,10 +36,10 @@ def test_model_folder_round_trip(model_dir):
     if meta["model_class"] == "ClassConditionalUNet":
         assert index["unet"] == ["diffusion_unlearn.models.unet_lineage", "ClassConditionalUNet"]
     else:
-        assert isinstance(loaded.unet, UNet2DModel) and loaded.unet.config.num_class_embeds == 11
+        assert isinstance(loaded.denoiser, UNet2DModel) and loaded.denoiser.config.num_class_embeds == 11
     # plain diffusers loads the same folder
     pipe = ClassConditionalPipeline.from_pretrained(model_dir)
-    a, b = pipe.unet.state_dict(), loaded.unet.state_dict()
+    a, b = pipe.unet.state_dict(), loaded.denoiser.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (model_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
 

@@ -193,7 +193,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    for module in ("unlearn", "eval.evaluate", "sample"):
+    for module in ("modelfolder", "sample"):  # forget and eval load through modelfolder.load_model_and_data
         monkeypatch.setattr(f"diffusion_unlearn.{module}.load_model_folder", refuse)
 
 

@@ -32,7 +32,7 @@ def _dump_as_from_cuda(obj, path, monkeypatch) -> None:
 def fisher_of_tiny(tiny_model):
     """A random non-negative Fisher over the tiny model's trainable parameters, keys as SA writes them."""
     torch.manual_seed(1)
-    params = {n: p for n, p in load_model_folder(tiny_model).unet.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in load_model_folder(tiny_model).denoiser.named_parameters() if p.requires_grad}
     return {f"module.{n}": torch.rand_like(p) for n, p in params.items()}
 
 

@@ -92,7 +92,7 @@ def test_dit_pipeline_runs_the_transformer_in_the_requested_precision(monkeypatc
 def test_ddpm_pipeline_autocasts_only_when_asked(tiny_model, monkeypatch):
     from diffusion_unlearn.modelfolder import load_model_folder
 
-    unet = load_model_folder(tiny_model).unet
+    unet = load_model_folder(tiny_model).denoiser
     pipe = ClassConditionalPipeline(unet=unet, scheduler=training_scheduler())
     kw = dict(num_inference_steps=2, guidance_scale=3.0, batch_size=2, progress=False)
     fp32 = pipe([1, 2], **kw)

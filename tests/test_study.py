@@ -174,7 +174,7 @@ def test_study_runs_every_method_and_setup_and_resumes(tiny_model, classifier, p
 def test_lr_sensitivity_retrain_gap_and_parallel_cells(tiny_model, classifier, presets, tmp_path):
     retrain = tmp_path / "retrain"
     loaded = load_model_folder(tiny_model, "cpu")
-    save_model_folder(retrain / "without-zero", loaded.unet, replace(loaded.meta, excluded_classes=[0]))
+    save_model_folder(retrain / "without-zero", loaded.denoiser, replace(loaded.meta, excluded_classes=[0]))
     out = tmp_path / "study"
     args = ["--methods", "sfron", "--classes", "0", "--forget-lrs", "1e-4,1e-3", "--retrain-dir", str(retrain),
             "--jobs", "2"]

@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from diffusion_unlearn.config import resolve_device
 from diffusion_unlearn.data import ImageDataset, load_dataset
-from diffusion_unlearn.fileio import (UserError, atomic_dir, file_hash, load_pickled_checkpoint, read_json, strip_prefix,
-                                      write_json)
+from diffusion_unlearn.fileio import (UserError, atomic_dir, file_hash, load_pickled_checkpoint, read_json,
+                                      save_safetensors_atomic, strip_prefix, write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     logger.info("classifier test accuracy on %s/%s: %.4f", cfg.dataset, test.split, meta["test_accuracy"])
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp / WEIGHTS_FILE)
+        save_safetensors_atomic(net.state_dict(), tmp / WEIGHTS_FILE)
         write_json(tmp / META_FILE, meta)
     return out
 

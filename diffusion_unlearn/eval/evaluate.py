@@ -16,9 +16,9 @@ from diffusion_unlearn.eval.fid import compute_fid, find_inception_weights
 from diffusion_unlearn.eval.metrics import classification_metrics
 from diffusion_unlearn.fileio import WriteError, write_json
 from diffusion_unlearn.grids import to_uint8
-from diffusion_unlearn.modelfolder import check_model_data, load_model_dataset, load_model_folder
+from diffusion_unlearn.modelfolder import load_model_and_data
+from diffusion_unlearn.pipelines.sampling import Pipeline, generate
 from diffusion_unlearn.preflight import check_readable_file, check_writable_dir
-from diffusion_unlearn.sample import Pipeline, generate
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 
 # Retained-class samples drawn at a time in `eval`: classified at once, then kept as uint8 for FID (ImageNet:
@@ -69,10 +69,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.fid_weights:
         check_readable_file(cfg.fid_weights, "Inception weights", "pass --fid-weights FILE")
     device = resolve_device(cfg.device)
-    loaded = load_model_folder(cfg.model, device)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, cfg.forget_class, device)
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "eval", device))
-    dataset = load_model_dataset(loaded, cfg.dataset, cfg.data_root)
-    check_model_data(loaded, dataset, cfg.forget_class)
     clf = load_classifier(cfg.classifier, device)
     check_classifier_classes(clf, loaded.meta.class_names)
     kind = fid_extractor_kind(cfg, dataset.channels)

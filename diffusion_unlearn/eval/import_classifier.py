@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from diffusion_unlearn.convert import indexed_class_names
 from diffusion_unlearn.eval.classifier import DIGITS_ARCH, META_FILE, WEIGHTS_FILE, build_network, read_state_dict
-from diffusion_unlearn.fileio import UserError, atomic_dir, file_hash, write_json
+from diffusion_unlearn.fileio import UserError, atomic_dir, file_hash, save_safetensors_atomic, write_json
 
 IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # torchvision's, on [0, 1] images
 
@@ -73,7 +71,7 @@ def import_classifier(cfg: ImportClassifierConfig) -> dict:
         "config": asdict(cfg),
     }
     with atomic_dir(Path(cfg.out)) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, tmp / WEIGHTS_FILE)
+        save_safetensors_atomic(net.state_dict(), tmp / WEIGHTS_FILE)
         write_json(tmp / META_FILE, meta)
     return {"out": cfg.out, "arch": cfg.arch, "num_classes": num_classes, "image_size": cfg.image_size,
             "resize": cfg.resize}

@@ -1,22 +1,35 @@
 """Forget methods. Each is a small dataclass (methods.base.Method) with `forget_loss`, `retain_loss`, `mask_kind`,
-`mask_retain` and an optional `prepare`; it sees only the backbone adapter, so it runs on any backbone with any
-optimizer setup. A method's paper values are its presets: the files in `configs/` naming it (`method:`)."""
+`mask_retain`, what it supports and shares, and an optional `prepare`; it sees only the backbone adapter, so it runs
+on any backbone with any optimizer setup. `register_method` adds one. A method's paper values are its presets:
+the files in `configs/` naming it (`method:`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, build_config, load_yaml, option_values,
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, build_config, forget_registry_caches,
+                                      load_yaml, option_values,
                                       yaml_values)
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, RandomLabel
 from diffusion_unlearn.methods.sa import SelectiveAmnesia
 from diffusion_unlearn.methods.salun import SalUn
 from diffusion_unlearn.methods.sfron import SFRon
+from diffusion_unlearn.registries import register
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SFRon, SalUn, SelectiveAmnesia, GradientAscent, RandomLabel,
-                                                        FineTune)}
+METHODS: dict[str, type[Method]] = {}  # name → method class, in registration order
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add `cls` to the methods under `cls.name` (usable as a class decorator); a name is registered once."""
+    register(METHODS, cls, "method")
+    forget_registry_caches()
+    return cls
+
+
+for _method in (SFRon, SalUn, SelectiveAmnesia, GradientAscent, RandomLabel, FineTune):
+    register_method(_method)
 
 
 def build_method(cfg: ForgetConfig) -> Method:

@@ -3,9 +3,12 @@
 A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated here
 against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
 takes from the run (`from_config`). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
-mask `forget()` builds), `mask_retain` (whether retain gradients are masked too) and `forget_loss` (None: no
-forget steps). `prepare` may cache artefacts beside the run (named in
-`artefacts`, each recording its provenance) and choose the data the retain steps draw from.
+mask `forget()` builds), `mask_retain` (whether retain gradients are masked too), `forget_loss` (None: no
+forget steps), `supports_latent_cache` (whether cached VAE moments can stand in for its data) and `artefacts`
+(the files `prepare` writes beside the run, each recording its provenance; they depend only on the base model
+and the method's settings, so a study makes them once and shares them, and `--restart` removes them).
+`prepare` may cache artefacts beside the run and choose the data the retain steps draw from. Register a new
+method with `methods.register_method`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class Method:
     paper: ClassVar[str]  # where the method comes from
     mask_kind: ClassVar[str | None] = None
     mask_retain: ClassVar[bool] = False
-    artefacts: ClassVar[tuple[str, ...]] = ()  # files `prepare` caches beside the run (removed by --restart)
+    supports_latent_cache: ClassVar[bool] = True
+    artefacts: ClassVar[tuple[str, ...]] = ()  # files `prepare` caches beside the run (shared by a study's cells)
 
     @classmethod
     def arguments(cls) -> list[str]:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from pydantic import PositiveInt
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
-from diffusion_unlearn.fileio import UserError, atomic_path
+from diffusion_unlearn.fileio import UserError, save_safetensors_atomic
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, weights_fingerprint
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
@@ -38,14 +38,9 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: Mask, anchor: Mask) -> 
     return sum(((p - anchor[n]).square() * fisher[n]).sum() for n, p in params.items())
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
 def save_fisher(fisher: Mask, path: str | Path, source: str) -> None:
     """An SA Fisher diagonal as `.safetensors` (parameter name → F_i), its origin in the metadata."""
-    _save(fisher, Path(path), {"kind": "sa-fisher", "source": source})
+    save_safetensors_atomic(fisher, Path(path), metadata={"kind": "sa-fisher", "source": source})
 
 
 def load_fisher(path: str | Path, params: dict[str, torch.Tensor]) -> Mask:
@@ -91,7 +86,8 @@ class SelectiveAmnesia(Method):
     seed: int = 0
 
     name = "sa"
-    artefacts = (REPLAY_FILE, FISHER_FILE)
+    supports_latent_cache = False  # its forget loss draws surrogate images and its retain set is generated
+    artefacts = (REPLAY_FILE, FISHER_FILE)  # the base model's samples of every class and their Fisher
     paper = "Heng & Soh, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models " \
             "(NeurIPS 2023)"
 
@@ -114,7 +110,8 @@ class SelectiveAmnesia(Method):
                 backbone, ((images + 1) / 2 if quirk else images).to(device), labels.to(device),
                 timesteps=self.sa_fisher_timesteps, chunk=self.sa_fisher_chunk,
                 cfg_dropout=REFERENCE_FISHER_DROPOUT if quirk else 0.0, seed=self.seed)
-            _save(self.fisher, out_dir / FISHER_FILE, {"provenance": fisher_record.to_json()})
+            save_safetensors_atomic(self.fisher, out_dir / FISHER_FILE,
+                                    metadata={"provenance": fisher_record.to_json()})
         return replay.with_classes([c for c in range(replay.num_classes) if c != self.forget_class])
 
     def artefact_settings(self) -> dict:
@@ -131,7 +128,8 @@ class SelectiveAmnesia(Method):
             images, labels = backbone.generate(list(range(like.num_classes)), self.sa_samples_per_class,
                                                self.sampler)  # (N, C, H, W) in [-1, 1], (N,)
             pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-            _save({"pixels": pixels, "labels": labels}, path, {"provenance": record.to_json()})
+            save_safetensors_atomic({"pixels": pixels, "labels": labels}, path,
+                                    metadata={"provenance": record.to_json()})
         saved = load_file(path)
         return ImageDataset(name="sa-replay", split="train", root=str(path), class_names=like.class_names,
                             channels=like.channels, image_size=like.image_size, transform_id="sa-replay-uint8",

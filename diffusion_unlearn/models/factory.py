@@ -30,19 +30,23 @@ DIT_PRESETS: dict[str, dict] = {
 }
 
 
+def check_unet_preset(backbone: str, preset: str) -> None:
+    """A one-line error when `backbone` is no U-Net class or `preset` names none of its sizes."""
+    presets = {"lineage-unet": UNET_PRESETS, "diffusers-unet": DIFFUSERS_UNET_PRESETS}
+    if backbone not in presets:
+        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if preset not in presets[backbone]:
+        raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(presets[backbone])}")
+
+
 def build_unet(backbone: str, preset: str, *, channels: int, image_size: int, num_classes: int) -> torch.nn.Module:
     """A randomly initialised U-Net of `backbone` ∈ {lineage-unet, diffusers-unet} and size `preset`."""
+    check_unet_preset(backbone, preset)
     if backbone == "lineage-unet":
-        if preset not in UNET_PRESETS:
-            raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(UNET_PRESETS)}")
         return ClassConditionalUNet.from_preset(preset, in_channels=channels, out_ch=channels,
                                                 image_size=image_size, num_classes=num_classes)
-    if backbone == "diffusers-unet":
-        if preset not in DIFFUSERS_UNET_PRESETS:
-            raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(DIFFUSERS_UNET_PRESETS)}")
-        return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
-                           num_class_embeds=num_classes + 1, norm_num_groups=32, **DIFFUSERS_UNET_PRESETS[preset])
-    raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                       num_class_embeds=num_classes + 1, norm_num_groups=32, **DIFFUSERS_UNET_PRESETS[preset])
 
 
 def dit_spec(preset: str) -> dict:

@@ -7,49 +7,113 @@ training and the reference's unlearning, reference-implementation.md §4.1) and 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
+from diffusion_unlearn.models.factory import build_dit, dit_spec
+from diffusion_unlearn.parameters import named_trainable_parameters
 from diffusion_unlearn.pipelines.backbone import drop_labels
-from diffusion_unlearn.pipelines.pipeline_dit import (ClassConditionalDiTPipeline, SpacedDiffusion, dit_output,
+from diffusion_unlearn.pipelines.base import SamplerDefaults, register_backbone
+from diffusion_unlearn.pipelines.guidance import guided_output
+from diffusion_unlearn.pipelines.pipeline_dit import (FID_GUIDANCE_SCALE, GRID_GUIDANCE_SCALE,
+                                                      ClassConditionalDiTPipeline, SpacedDiffusion, dit_output,
                                                       dit_training_scheduler)
+from diffusion_unlearn.pipelines.sampling import generate
+from diffusion_unlearn.vae import latent_side
 
 
+@register_backbone
 class LatentDiTBackbone:
     """Latent-space class-conditional DiT with its VAE.
 
-    `model` is the module to call (possibly wrapped by accelerate/DDP); `transformer` the unwrapped one, also
-    reachable as `unet` (DDPMBackbone's name), so the loop, EMA and checkpoints need no branch.
+    `model` is the module to call (possibly wrapped by accelerate/DDP); `denoiser` the unwrapped transformer.
     `schedule` is the full 1000-step training process (`num_steps`, `q_sample`).
     """
 
-    kind = "dit"
+    name = "dit"
+    pipeline_class = ClassConditionalDiTPipeline
+    # the original's paper-faithful sampler (reference §4.1): the 250-step respaced ancestral `ddpm`, at s = 1.5
+    # for sample sets that are scored (`sample_ddp.py`, FID) and s = 4.0 for grids (`sample.py`)
+    sampler_defaults = SamplerDefaults(sampler="ddpm", steps={"ddpm": 250, "ddim": 50},
+                                       guidance_scale={"eval": FID_GUIDANCE_SCALE, "grid": GRID_GUIDANCE_SCALE},
+                                       cuda_precision={"grid": "bf16"})
+    supports_latent_cache = True
+    architectures = ("dit",)
+    needs_vae = True
 
-    def __init__(self, transformer: ClassConditionalDiT, vae: AutoencoderKL | None,
+    def __init__(self, denoiser: ClassConditionalDiT, vae: AutoencoderKL | None,
                  model: torch.nn.Module | None = None, schedule: SpacedDiffusion | None = None):
-        self.transformer = transformer
-        self.model = transformer if model is None else model
+        self.denoiser = denoiser
+        self.model = denoiser if model is None else model
         self.vae = vae
-        self.num_classes = int(transformer.config.num_classes)
+        self.num_classes = int(denoiser.config.num_classes)
         self.null_class = self.num_classes
         self.schedule = schedule or SpacedDiffusion.from_scheduler_config(dit_training_scheduler().config)
 
-    @property
-    def unet(self) -> ClassConditionalDiT:
-        return self.transformer
+    # -- the model folder and building
+
+    @classmethod
+    def from_parts(cls, denoiser: ClassConditionalDiT, vae: AutoencoderKL | None = None,
+                   model: torch.nn.Module | None = None) -> LatentDiTBackbone:
+        return cls(denoiser, vae, model=model)
+
+    @classmethod
+    def owns(cls, denoiser: torch.nn.Module) -> bool:
+        return isinstance(denoiser, ClassConditionalDiT)
+
+    @classmethod
+    def pipeline(cls, denoiser: ClassConditionalDiT, vae: AutoencoderKL | None = None) -> ClassConditionalDiTPipeline:
+        return ClassConditionalDiTPipeline(transformer=denoiser, vae=vae, scheduler=dit_training_scheduler())
+
+    @classmethod
+    def denoiser_of(cls, pipeline: ClassConditionalDiTPipeline) -> ClassConditionalDiT:
+        return pipeline.transformer
+
+    @classmethod
+    def vae_of(cls, pipeline: ClassConditionalDiTPipeline) -> AutoencoderKL:
+        return pipeline.vae
+
+    @classmethod
+    def prepare_loaded(cls, pipeline: ClassConditionalDiTPipeline) -> None:
+        pipeline.vae.requires_grad_(False)  # frozen: never in masks, optimizers, EMA or state
+
+    @classmethod
+    def image_shape(cls, denoiser: ClassConditionalDiT, vae: AutoencoderKL | None = None) -> tuple[int, int, int]:
+        """The VAE's in-channels and the latent side × the VAE's downsampling factor 2^(levels − 1)."""
+        if vae is None:
+            raise ValueError("a DiT needs its VAE")
+        side = int(denoiser.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        return (int(vae.config.in_channels), side, side)
+
+    @classmethod
+    def check_preset(cls, architecture: str, preset: str) -> None:
+        dit_spec(preset)
+
+    @classmethod
+    def build_denoiser(cls, architecture: str, preset: str, *, channels: int, image_size: int, num_classes: int,
+                       vae: AutoencoderKL | None = None) -> ClassConditionalDiT:
+        """A fresh DiT on the latents `vae` makes of `image_size` images."""
+        if vae is None:
+            raise ValueError("a DiT needs its VAE")
+        return build_dit(preset, latent_channels=int(vae.config.latent_channels),
+                         latent_size=latent_side(vae, image_size), num_classes=num_classes)
+
+    # -- what the loop and the methods call
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the latents the model denoises."""
-        cfg = self.transformer.config
+        cfg = self.denoiser.config
         return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
 
     def named_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable parameters by name (`pos_embed` is a buffer, never among them)."""
-        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        return named_trainable_parameters(self.denoiser)
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -89,12 +153,8 @@ class LatentDiTBackbone:
         steps = self.schedule.model_timesteps(t)  # (B,)
         if guidance_w is None:
             return dit_output(self.model, z_t, steps, drop_labels(labels, cfg_dropout, self.null_class))
-        null = torch.full_like(labels, self.null_class)
-        out = dit_output(self.model, torch.cat([z_t, z_t]), torch.cat([steps, steps]), torch.cat([labels, null]))
-        cond, uncond = out.chunk(2)  # (B, C_out, h, w) each
-        c = z_t.shape[1]
-        eps = (1 + guidance_w) * cond[:, :c] - guidance_w * uncond[:, :c]  # (B, C, h, w)
-        return torch.cat([eps, cond[:, c:]], dim=1)
+        return guided_output(lambda xs, ts, ys: dit_output(self.model, xs, ts, ys), z_t, steps, labels,
+                             1.0 + guidance_w, self.null_class, channels=z_t.shape[1])
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *, cfg_dropout: float = 0.0,
             guidance_w: float | None = None) -> torch.Tensor:
@@ -118,12 +178,9 @@ class LatentDiTBackbone:
             loss = loss + self.schedule.vb_terms(z0, z_t, t, frozen)  # (B,)
         return loss
 
-    def generate(self, classes: list[int], per_class: int, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, classes: Sequence[int], per_class: int, sampler) -> tuple[torch.Tensor, torch.Tensor]:
         """`per_class` guided samples of each class from the current weights (a `SamplerConfig`: `ddpm` is the
         paper-faithful sampler, `ddim` the fast one): images (N, 3, H, W) in [−1, 1] on the CPU and labels (N,)."""
-        from diffusion_unlearn.sample import generate  # the CLI-level sampler: per-index seeds, batching
-
-        pipeline = ClassConditionalDiTPipeline(transformer=self.transformer, vae=self.vae,
-                                               scheduler=dit_training_scheduler())
-        images, labels, _ = generate(pipeline, classes, per_class, sampler, progress=False)
+        images, labels, _ = generate(self.pipeline(self.denoiser, self.vae), classes, per_class, sampler,
+                                     progress=False)
         return images, labels

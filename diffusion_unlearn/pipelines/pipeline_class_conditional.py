@@ -14,6 +14,7 @@ from diffusion_unlearn.fileio import UserError
 # diffusers only loads a custom component class whose module is already imported: import ours here so
 # `ClassConditionalPipeline.from_pretrained(folder)` works in a fresh process.
 from diffusion_unlearn.models import unet_lineage  # noqa: F401
+from diffusion_unlearn.pipelines.guidance import guided_output
 
 
 Precision = Literal["fp32", "bf16"]  # the denoiser's precision while sampling (`--sampling-precision`)
@@ -70,13 +71,8 @@ def predict_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels:
 
 def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float,
                null_class: int) -> torch.Tensor:
-    """ε̃ = ε_u + s(ε_c − ε_u), conditional and null halves in one batched forward (s = 1 + w)."""
-    null = torch.full_like(labels, null_class)
-    if scale == 1.0:
-        return predict_eps(unet, x, t, labels)
-    eps = predict_eps(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, H, W)
-    eps_c, eps_u = eps.chunk(2)  # (B, C, H, W) each
-    return eps_u + scale * (eps_c - eps_u)
+    """ε̃ = ε_u + s(ε_c − ε_u) of a U-Net (s = 1 + w; `guided_output`)."""
+    return guided_output(lambda xs, ts, ys: predict_eps(unet, xs, ts, ys), x, t, labels, scale, null_class)
 
 
 def image_seed(seed: int, index: int) -> int:

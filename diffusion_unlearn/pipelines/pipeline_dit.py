@@ -21,9 +21,11 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from tqdm.auto import tqdm
 
+from diffusion_unlearn.diffusion import q_sample
 from diffusion_unlearn.fileio import UserError
 # diffusers only loads a custom component class whose module is already imported.
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
+from diffusion_unlearn.pipelines.guidance import guided_output
 from diffusion_unlearn.pipelines.pipeline_class_conditional import Precision, bf16_autocast, image_generators
 
 FID_GUIDANCE_SCALE = 1.5  # the original's sample_ddp.py
@@ -126,9 +128,8 @@ class SpacedDiffusion:
         return self.timestep_map.to(t.device)[t]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0.dim()) * x0 + self._at(
-            self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (float64 square roots cast to float32 on use)."""
+        return q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of q(x_{t−1} | x_t, x_0)."""
@@ -192,17 +193,11 @@ def dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels:
 
 def guided_dit_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float,
                       null_class: int, guided_channels: int = GUIDED_CHANNELS, bf16: bool = False) -> torch.Tensor:
-    """The original's `forward_with_cfg` on one batch: ε_u + s(ε_c − ε_u) on the first `guided_channels`
-    channels, every other channel (the rest of ε, the variance) from the conditional half; cond and null
-    halves in one batched forward; `bf16`: the model under bf16 autocast, the combination in float32."""
-    if scale == 1.0:
-        return dit_output(model, x, t, labels, bf16)
-    out = dit_output(model, torch.cat([x, x]), torch.cat([t, t]),
-                     torch.cat([labels, torch.full_like(labels, null_class)]), bf16)  # (2B, C_out, H, W)
-    cond, null = out.chunk(2)  # (B, C_out, H, W) each
-    k = guided_channels
-    guided = null[:, :k] + scale * (cond[:, :k] - null[:, :k])  # (B, k, H, W)
-    return torch.cat([guided, cond[:, k:]], dim=1)  # (B, C_out, H, W)
+    """The original's `forward_with_cfg` on one batch (`guided_output`): ε_u + s(ε_c − ε_u) on the first
+    `guided_channels` channels, every other channel (the rest of ε, the variance) from the conditional half;
+    `bf16`: the model under bf16 autocast, the combination in float32."""
+    return guided_output(lambda xs, ts, ys: dit_output(model, xs, ts, ys, bf16), x, t, labels, scale, null_class,
+                         guided_channels)
 
 
 # ----------------------------------------------------------------------------- the pipeline
