@@ -11,6 +11,16 @@ import torch
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """Folder of golden reference values (`NAME.json` + `NAME.npz`), part of the repository: never skipped."""

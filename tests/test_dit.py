@@ -105,6 +105,23 @@ def test_golden_through_original_checkpoints(tmp_path, golden, fmt):
     _assert_golden(model, arrays)
 
 
+@pytest.mark.gpu
+def test_golden_on_cuda_in_float32(tmp_path, golden, monkeypatch):
+    """On a GPU in float32 (TF32 off) the model gives the golden outputs, as on the CPU: eval and sample run there."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    spec, arrays, state = golden
+    torch.save(state, tmp_path / "ckpt.pt")
+    model = load_original_dit(tmp_path / "ckpt.pt", num_heads=spec["config"]["num_heads"]).cuda().eval()
+    z, t, y = (torch.from_numpy(arrays[k]).cuda() for k in ("z", "t", "y"))
+    with torch.no_grad():
+        outputs = {"cond": model(z, t, y), "null": model(z, t, torch.full_like(y, model.config.num_classes))}
+    for name, out in outputs.items():
+        assert out.dtype == torch.float32
+        diff = np.abs(out.cpu().numpy() - arrays[name]).max()
+        assert diff <= 10 * TOL, f"{name}: max abs diff {diff}"  # GPU kernels sum in another order
+
+
 def test_size_from_reference_args(tmp_path, golden, monkeypatch):
     """With no size or head count given, the reference checkpoint's `args.model` names the size."""
     _, arrays, state = golden
