@@ -321,9 +321,12 @@ def test_every_method_runs_end_to_end(tiny_model, tmp_path, monkeypatch, method,
     run = tmp_path / "run"
     first = _FirstForgetStep(monkeypatch, METHODS[method]) if METHODS[method].forget_loss is not None else None
     ewc_calls = []
-    monkeypatch.setattr("diffusion_unlearn.methods.sa.ewc_penalty",
-                        lambda params, fisher, anchor: ewc_calls.append((fisher, anchor)) or ewc_penalty(
-                            params, fisher, anchor))
+
+    def recorded_ewc(params, fisher, anchor):
+        ewc_calls.append((fisher, anchor))
+        return ewc_penalty(params, fisher, anchor)
+
+    monkeypatch.setattr("diffusion_unlearn.methods.sa.ewc_penalty", recorded_ewc)
     result = forget(_cfg(tiny_model, run, method=method, optim=optim, schedule=schedule),
                     callback=first.callback if first else None)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
