@@ -10,6 +10,8 @@ from builders import killed_pretrain_resumes
 from diffusion_unlearn.cli import main
 from diffusion_unlearn.modelfolder import load_model_folder
 
+pytestmark = pytest.mark.slow  # the user's whole CLI path, end to end
+
 TINY = ["--model-preset", "tiny", "--iterations", "12", "--checkpoint-every", "4", "--batch-size", "16"]
 
 

@@ -1,20 +1,26 @@
 """End to end on a tiny model: forget writes every output; a killed run resumes bitwise; bad input fails fast."""
 
+import copy
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from diffusion_unlearn.config import (ForgetConfig, MaskConfig, SamplerConfig, build_config, config_to_dict,
                                       yaml_values)
+from diffusion_unlearn.data import BatchStream, forget_retain_split, load_dataset
 from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.methods import build_method
 from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
-from diffusion_unlearn.saliency import load_mask, mask_metadata
+from diffusion_unlearn.pipelines.backbone import DDPMBackbone
+from diffusion_unlearn.saliency import GradientMask, load_mask, mask_metadata
 from diffusion_unlearn.sampler_defaults import resolve_sampler
-from diffusion_unlearn.unlearn import forget, mask
+from diffusion_unlearn.unlearn import Unlearner, forget, mask, optimizer_spec
 
 
 
@@ -55,14 +61,41 @@ def test_forget_writes_every_output(tiny_model, tmp_path):
     assert 0 < result["mask_density"] < 1
 
 
-def test_masked_weights_do_not_move_under_dual(tiny_model, tmp_path):
-    """With retain steps off, only the forget optimizer moves weights: masked ones must stay exact."""
-    forget(_cfg(tiny_model, tmp_path / "run", retain_steps=0, ema_rate=0.0))
-    m = load_mask(tmp_path / "run" / "mask.safetensors")
-    before = load_model_folder(tiny_model).denoiser.state_dict()
-    after = load_model_folder(tmp_path / "run" / "model").denoiser.state_dict()
-    for k, keep in m.items():
-        assert torch.equal(before[k][~keep], after[k][~keep]), k
+def _masked_moves_per_step(tiny_model, out, monkeypatch, optim) -> dict[str, list[int]]:
+    """Run forget (one forget and one retain step per iteration) and count, for each step, the masked coordinates
+    it moved. The mask the loop applies is caught where it is built (before any step); each forget
+    step is compared with the weights after the step before it (a retain step, or the base model for the first)."""
+    caught = []
+    build = GradientMask.__init__
+
+    def catch(self, model, mask):
+        build(self, model, mask)
+        caught.append((self, [p.detach().clone() for p in self.params]))
+
+    monkeypatch.setattr(GradientMask, "__init__", catch)
+    moved = {"forget": [], "retain": []}
+
+    def check(iteration, phase):
+        (gm, last), = caught
+        assert any((p.detach() != b).any() for p, b in zip(gm.params, last)), f"the {phase} step moved nothing"
+        moved[phase].append(sum(int((p.detach() != b)[~keep].sum())
+                                for p, b, keep in zip(gm.params, last, gm.factors)))
+        caught[0] = (gm, [p.detach().clone() for p in gm.params])
+
+    forget(_cfg(tiny_model, out, optim=optim, forget_steps=1, retain_steps=1), callback=check)
+    return moved
+
+
+def test_masked_weights_do_not_move_under_dual(tiny_model, tmp_path, monkeypatch):
+    """Retain steps (unmasked) move masked weights; the forget optimizer must still leave them exactly in place
+    under dual, while the one shared Adam carries retain momentum into masked coordinates at the forget step."""
+    dual = _masked_moves_per_step(tiny_model, tmp_path / "dual", monkeypatch, "dual")
+    assert all(n > 0 for n in dual["retain"]), dual  # SFRon's retain gradient is not masked
+    assert dual["forget"] == [0, 0, 0, 0], dual
+    monkeypatch.undo()
+    shared = _masked_moves_per_step(tiny_model, tmp_path / "shared", monkeypatch, "shared")
+    assert shared["forget"][0] == 0, shared  # the first forget step precedes any retain step
+    assert all(n > 0 for n in shared["forget"][1:]), shared
 
 
 class _Kill(Exception):
@@ -88,10 +121,50 @@ def test_killed_run_resumes_bitwise(tiny_model, tmp_path, optim):
     assert log == [0, 1, 2, 3]
 
 
-def test_joint_schedule_runs(tiny_model, tmp_path):
-    forget(_cfg(tiny_model, tmp_path / "joint", schedule="joint", iterations=2))
-    log = [json.loads(x) for x in (tmp_path / "joint" / "log.jsonl").read_text().splitlines()]
-    assert "joint_loss" in log[0]
+def test_joint_step_is_one_retain_optimizer_step_on_the_weighted_sum(tiny_model):
+    """Iteration k = 1 of K = 4 under the joint schedule equals, bitwise, one step of the retain optimizer on
+    ℓ_R + α_k·ℓ_F computed by hand from the same batches and randomness (α_k = α(1 + cos(πk/K))/2, mask applied,
+    then clipped); its log record holds α_k, ℓ_F and that weighted sum."""
+    cfg = build_config(ForgetConfig, dict(dataset="digits", forget_class=3, schedule="joint", iterations=4, alpha=2.0,
+                                          batch_size=8))
+    forget_set, retain_set = forget_retain_split(load_dataset("digits"), 3)
+    backbone = DDPMBackbone(load_model_folder(tiny_model).denoiser)
+    torch.manual_seed(0)
+    keep = {n: torch.rand(p.shape) < 0.7 for n, p in backbone.named_parameters().items()}
+    learner = Unlearner(cfg, backbone, forget_set, retain_set, GradientMask(backbone.denoiser, keep),
+                        Accelerator(cpu=True))
+    base = {n: p.detach().clone() for n, p in backbone.named_parameters().items()}
+    learner.run_iteration(None)  # k = 0: the retain optimizer now holds moments
+    hand_backbone = DDPMBackbone(copy.deepcopy(backbone.denoiser).train())  # the step by hand, on copies of all it reads
+    params = list(hand_backbone.named_parameters().values())
+    optimizer = optimizer_spec(cfg, "retain").build(params)
+    optimizer.load_state_dict(copy.deepcopy(learner.optim.retain_optimizer.state_dict()))
+    streams = []
+    for stream, data in ((learner.forget_stream, forget_set), (learner.retain_stream, retain_set)):
+        streams.append(BatchStream(data, cfg.batch_size, seed=0))
+        streams[-1].load_state_dict(stream.state_dict())
+    rng = torch.get_rng_state()
+    alpha_k = 2.0 * (1 + math.cos(math.pi / 4)) / 2
+    method = build_method(cfg)
+    xf, yf = streams[0].next()  # (B, C, H, W), (B,)
+    assert (yf == 3).all()
+    forget_loss = method.forget_loss(hand_backbone, xf, yf)
+    retain_loss = method.retain_loss(hand_backbone, *streams[1].next())
+    total = retain_loss + alpha_k * forget_loss
+    total.backward()
+    for p, k in zip(params, keep.values()):
+        p.grad *= k
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+
+    torch.set_rng_state(rng)
+    record = learner.run_iteration(None)
+    assert record["alpha"] == pytest.approx(alpha_k, rel=1e-12)
+    assert record["forget_loss"] == forget_loss.item() and record["joint_loss"] == total.item()
+    after = backbone.named_parameters()
+    for (name, p), mine in zip(after.items(), params):
+        assert torch.equal(p.detach(), mine.detach()), name
+        assert torch.equal(p.detach()[~keep[name]], base[name][~keep[name]]), name  # one masked step per iteration
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_state(tiny_model, tmp_path, monkeypatch):

@@ -288,10 +288,50 @@ RUNS += [("salun", "shared", "joint"), ("sa", "shared", "joint"), ("sfron", "dua
          ("sfron", "dual-v", "alternate")]
 
 
+class _FirstForgetStep:
+    """Wraps a method's forget loss to keep, at its first call, the labels, the weights and the gradient of that
+    loss on the loop's own batch and randomness (the RNG is rewound so the loop's call draws the same); the step
+    callback then keeps how far the first forget step moved each weight."""
+
+    def __init__(self, monkeypatch, method_class):
+        self.grads, self.moved = None, None
+        original = method_class.forget_loss
+
+        def wrapped(method, backbone, x, y):
+            if self.grads is None:
+                params = backbone.named_parameters()
+                self.labels, self.params = y.clone(), params
+                self.before = {n: p.detach().clone() for n, p in params.items()}
+                rng = torch.get_rng_state()
+                grads = torch.autograd.grad(original(method, backbone, x, y), list(params.values()),
+                                            allow_unused=True)
+                self.grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+                torch.set_rng_state(rng)
+            return original(method, backbone, x, y)
+
+        monkeypatch.setattr(method_class, "forget_loss", wrapped)
+
+    def callback(self, iteration, phase):
+        if phase == "forget" and self.moved is None:
+            self.moved = {n: p.detach() - self.before[n] for n, p in self.params.items()}
+
+
 @pytest.mark.parametrize("method, optim, schedule", RUNS)
-def test_every_method_runs_end_to_end(tiny_model, tmp_path, method, optim, schedule):
+def test_every_method_runs_end_to_end(tiny_model, tmp_path, monkeypatch, method, optim, schedule):
+    """Every method × optimizer setup runs and records itself; each first forget step descends that method's own
+    forget loss on forget-class images (a fresh optimizer moves every weight against its gradient) without moving
+    masked weights; SA's EWC term uses the saved Fisher and the base weights as anchor."""
     run = tmp_path / "run"
-    result = forget(_cfg(tiny_model, run, method=method, optim=optim, schedule=schedule))
+    first = _FirstForgetStep(monkeypatch, METHODS[method]) if METHODS[method].forget_loss is not None else None
+    ewc_calls = []
+
+    def recorded_ewc(params, fisher, anchor):
+        ewc_calls.append((fisher, anchor))
+        return ewc_penalty(params, fisher, anchor)
+
+    monkeypatch.setattr("diffusion_unlearn.methods.sa.ewc_penalty", recorded_ewc)
+    result = forget(_cfg(tiny_model, run, method=method, optim=optim, schedule=schedule),
+                    callback=first.callback if first else None)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [0, 1]
     assert all(("forget_loss" in r) == (method != "ft") for r in log)
@@ -301,15 +341,33 @@ def test_every_method_runs_end_to_end(tiny_model, tmp_path, method, optim, sched
     assert (run / "replay.safetensors").exists() == (run / "sa_fisher.safetensors").exists() == (method == "sa")
     before, after = _weights(tiny_model), _weights(run / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    keep = load_mask(run / "mask.safetensors") if (run / "mask.safetensors").exists() else {}
+    if first is not None and schedule == "alternate":
+        assert (first.labels == 3).all()
+        against = along = movable = 0
+        for name, step in first.moved.items():
+            grad, free = first.grads[name], keep.get(name, torch.ones_like(step, dtype=torch.bool))
+            assert not step[~free].any(), f"the forget step moved masked weights of {name}"
+            along += int((step * grad > 0).sum())
+            against += int((step * grad < 0).sum())
+            movable += int((grad[free] != 0).sum())
+        assert along == 0 and against > 0.99 * movable, (along, against, movable)
     if method == "salun":  # top-k mask on the forget and the retain gradients: masked weights never move
         assert result["mask_density"] == pytest.approx(0.5, abs=1e-6)
         assert mask_metadata(run / "mask.safetensors")["kind"] == "topk"
-        for k, keep in load_mask(run / "mask.safetensors").items():
-            assert torch.equal(before[k][~keep], after[k][~keep]), k
+        for k, free in keep.items():
+            assert torch.equal(before[k][~free], after[k][~free]), k
     if method == "sa":
         replay = load_file(run / "replay.safetensors")
         assert replay["pixels"].dtype == torch.uint8 and replay["labels"].tolist() == [c for c in range(10)
                                                                                       for _ in range(2)]
+        saved = load_file(run / "sa_fisher.safetensors")
+        assert len(ewc_calls) == 2 and any(f.any() for f in saved.values())  # one retain (or joint) step each
+        for fisher, anchor in ewc_calls:
+            assert fisher.keys() == anchor.keys() == saved.keys()
+            assert all(torch.equal(fisher[n], saved[n]) and torch.equal(anchor[n], before[n]) for n in saved)
+    else:
+        assert not ewc_calls
 
 
 class _Kill(Exception):

@@ -226,6 +226,7 @@ def test_salun_dual_preset_holds_the_paper_values():
         assert main(["forget", "--preset", "ddpm-cifar10-salun-dual", "--model", "none"]) == 2
 
 
+@pytest.mark.slow
 def test_forget_with_the_paper_preset_runs_end_to_end(cifar, tiny_cifar_model, tmp_path):
     out = tmp_path / "forget"
     overrides = ["--model", str(tiny_cifar_model), "--data-root", str(cifar), "--forget-class", "3",
@@ -331,6 +332,7 @@ def fake_inception(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_default_protocol_with_inception_fid(cifar, tiny_cifar_model, cifar_classifier, fake_inception,
                                                   tmp_path):
     out = tmp_path / "metrics.json"

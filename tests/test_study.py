@@ -143,6 +143,7 @@ def test_mean_std_and_summary_on_known_values():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_study_runs_every_method_and_setup_and_resumes(tiny_model, classifier, presets, tmp_path, monkeypatch):
     out = tmp_path / "study"
     assert _study(["--classes", "0,1"], tiny_model, classifier, out, presets) == 0
@@ -171,6 +172,7 @@ def test_study_runs_every_method_and_setup_and_resumes(tiny_model, classifier, p
     assert (out / "table.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_lr_sensitivity_retrain_gap_and_parallel_cells(tiny_model, classifier, presets, tmp_path):
     retrain = tmp_path / "retrain"
     loaded = load_model_folder(tiny_model, "cpu")
