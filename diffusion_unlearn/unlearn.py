@@ -102,7 +102,7 @@ class Unlearner:
         self.method = method if method is not None else build_method(cfg)
         unet = backbone.unet
         self.optim = DualOptim(unet.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
-                               mode=cfg.optim)
+                               mode=cfg.optim, masks=None if grad_mask is None else grad_mask.factors)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.ema = EMA(unet, cfg.ema_rate)
         rank = accelerator.process_index
