@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
+from torch.optim.adam import adam as adam_update
+from torch.optim.sgd import sgd as sgd_update
 
 from diffusion_unlearn.config import OptimizerName
 from diffusion_unlearn.fileio import UserError
 
 OPTIMIZERS = typing.get_args(OptimizerName)
+MASKED_STATE_OPTIMIZERS = ("adamw", "adam", "sgd")  # the forget side keeps state only where the mask is 1
 
 
 @dataclass
@@ -39,14 +42,16 @@ class OptimizerSpec:
         if name in ("adamw", "adam", "adamax", "nadam", "radam"):
             cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax,
                    "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}[name]
-            return cls(params, lr=self.lr, betas=betas, eps=self.eps, weight_decay=self.weight_decay)
+            return cls(params, lr=self.lr, betas=betas, eps=self.eps, weight_decay=self.weight_decay, foreach=True)
         if name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   foreach=True)
         if name == "rmsprop":
             return torch.optim.RMSprop(params, lr=self.lr, momentum=self.momentum, eps=self.eps,
-                                       weight_decay=self.weight_decay)
+                                       weight_decay=self.weight_decay, foreach=True)
         if name == "adagrad":
-            return torch.optim.Adagrad(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+            return torch.optim.Adagrad(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                                       foreach=True)
         raise UserError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -100,15 +105,96 @@ class SplitAdam(torch.optim.Optimizer):
                 p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(h["eps"]), value=-h["lr"] / bias_correction1)
 
 
+class MaskedStateOptimizer:
+    """The forget side of DualOptim with its state only where the gradient mask is 1 (docs/performance.md).
+
+    Under the mask, the forget gradient is 0 wherever m = 0, so a dense Adam(W)'s moments (or SGD's momentum)
+    stay exactly 0 there and its update is exactly 0: those entries need not exist. Per parameter we keep the
+    moments of the masked-in entries only, packed in the mask's order (`masked_select`). A step gathers the
+    masked-in weights and gradients of a chunk of parameters, runs torch's own functional update on them
+    (`torch.optim.adam.adam` — what `Adam`/`AdamW(foreach=True)` run — or `torch.optim.sgd.sgd`) and scatters the
+    weights back: the result is bitwise the dense update's (tests/test_optim.py). Masked-out weights never move,
+    also with weight decay > 0, where a dense AdamW would shrink them (decoupled decay multiplies every weight).
+    Memory: 2 × (mask density) × parameters of state, plus one chunk of packed weights and gradients while
+    stepping.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], masks: Sequence[torch.Tensor], spec: OptimizerSpec,
+                 chunk_elements: int = 1 << 24):
+        name = spec.name.lower()
+        if name not in MASKED_STATE_OPTIMIZERS:
+            raise ValueError(f"masked state needs one of {MASKED_STATE_OPTIMIZERS}, got {spec.name!r}")
+        self.spec, self.name, self.chunk_elements = spec, name, chunk_elements
+        self.params = list(params)
+        self.masks = [m.to(device=p.device, dtype=torch.bool) for p, m in zip(self.params, masks)]
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+
+    def _chunks(self) -> list[list[int]]:
+        """Indices of the parameters with a gradient and a masked-in entry, in chunks of ~chunk_elements."""
+        chunks, current, size = [], [], 0
+        for i, (p, m) in enumerate(zip(self.params, self.masks)):
+            if p.grad is None or not m.any():
+                continue
+            current.append(i)
+            size += m.numel()
+            if size >= self.chunk_elements:
+                chunks, current, size = chunks + [current], [], 0
+        return chunks + ([current] if current else [])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        spec = self.spec
+        for chunk in self._chunks():
+            weights = [torch.masked_select(self.params[i], self.masks[i]) for i in chunk]  # (n_i,) each
+            grads = [torch.masked_select(self.params[i].grad, self.masks[i]) for i in chunk]  # (n_i,) each
+            states = [self.state[i] for i in chunk]
+            if self.name == "sgd":
+                buffers = [st.get("momentum_buffer") for st in states]
+                sgd_update(weights, grads, buffers, foreach=True, weight_decay=spec.weight_decay,
+                           momentum=spec.momentum, lr=spec.lr, dampening=0.0, nesterov=False, maximize=False)
+                for st, buf in zip(states, buffers):
+                    if spec.momentum != 0:
+                        st["momentum_buffer"] = buf
+            else:
+                for st, w in zip(states, weights):
+                    if not st:
+                        st |= {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(w),
+                               "exp_avg_sq": torch.zeros_like(w)}
+                beta1, beta2 = spec.betas
+                adam_update(weights, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                            [], [st["step"] for st in states], foreach=True,
+                            decoupled_weight_decay=self.name == "adamw", amsgrad=False, beta1=beta1, beta2=beta2,
+                            lr=spec.lr, weight_decay=spec.weight_decay, eps=spec.eps, maximize=False)
+            for i, w in zip(chunk, weights):
+                self.params[i].masked_scatter_(self.masks[i], w)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"masked_state": self.name, "state": {i: dict(st) for i, st in enumerate(self.state) if st}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("masked_state") != self.name:
+            raise UserError("the saved forget-optimizer state is not a masked state of the same optimizer; "
+                            "resume with the same settings or pass --restart")
+        self.state = [dict(state["state"].get(i, {})) for i in range(len(self.params))]
+
+
 MODES = ("dual", "shared", "dual-m", "dual-v")  # dual-m: separate first moments, shared second; dual-v: the reverse
 
 
 class DualOptim:
     """A forget optimizer and a retain optimizer over the same parameters (`dual`), one shared optimizer
-    (`shared`), or one SplitAdam sharing the second (`dual-m`) or the first (`dual-v`) moments."""
+    (`shared`), or one SplitAdam sharing the second (`dual-m`) or the first (`dual-v`) moments.
+
+    `masks` (bool, one per trainable parameter, the gradient mask's): under `dual` with an Adam(W) or SGD forget
+    side, that side keeps its state only where the mask is 1 (`MaskedStateOptimizer`), bitwise the same update
+    at a fraction of the memory."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], forget: OptimizerSpec, retain: OptimizerSpec,
-                 mode: str = "dual"):
+                 mode: str = "dual", masks: Sequence[torch.Tensor] | None = None):
         if mode not in MODES:
             raise UserError(f"unknown optimizer setup {mode!r}; choose one of {', '.join(MODES)}")
         params = [p for p in params if p.requires_grad]
@@ -116,7 +202,12 @@ class DualOptim:
         self.split = SplitAdam(params, forget, retain, split=mode[-1]) if mode.startswith("dual-") else None
         # Shared: the retain optimizer (the pretraining family, reference `opt_R`) does both steps.
         self.retain_optimizer = self.split or retain.build(params)
-        self.forget_optimizer = self.retain_optimizer if mode != "dual" else forget.build(params)
+        if mode != "dual":
+            self.forget_optimizer = self.retain_optimizer
+        elif masks is not None and forget.name.lower() in MASKED_STATE_OPTIMIZERS:
+            self.forget_optimizer = MaskedStateOptimizer(params, masks, forget)
+        else:
+            self.forget_optimizer = forget.build(params)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -159,7 +159,7 @@ class Unlearner:
         self.method = method if method is not None else build_method(cfg)
         denoiser = backbone.denoiser
         self.optim = DualOptim(denoiser.parameters(), optimizer_spec(cfg, "forget"), optimizer_spec(cfg, "retain"),
-                               mode=cfg.optim)
+                               mode=cfg.optim, masks=None if grad_mask is None else grad_mask.factors)
         self.params = trainable_parameters(denoiser)
         self.ema = EMA(denoiser, cfg.ema_rate)
         rank = accelerator.process_index

@@ -101,3 +101,63 @@ def test_gradient_mask_keeps_bool_factors_and_masks_bitwise():
         expected = grads[n] * mask[n].float()
         assert torch.equal(p.grad.isnan(), expected.isnan())
         assert torch.equal(p.grad.nan_to_num(), expected.nan_to_num())
+
+
+def _lean_vs_dense(spec: OptimizerSpec, lean: bool, steps: int = 4, moved_out: list | None = None):
+    """A small conv net under dual: retain steps on every weight, forget steps masked and clipped."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3), torch.nn.Flatten(), torch.nn.Linear(5 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(1)
+    mask = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()}
+    gm = GradientMask(model, mask)
+    opt = DualOptim(model.parameters(), spec, OptimizerSpec("adamw", 1e-2), mode="dual",
+                    masks=gm.factors if lean else None)
+    x = torch.randn(8, 2, 6, 6, generator=g)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.retain_step()
+        opt.zero_grad()
+        (-model(x).square().sum()).backward()
+        gm.apply()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.forget_step()
+        if moved_out is not None:  # masked-out entries the forget step changed
+            moved_out.append(sum(int((p != b)[~m].sum()) for p, b, m in zip(model.parameters(), before,
+                                                                          mask.values())))
+    return model, mask, opt
+
+
+@pytest.mark.parametrize("spec", [OptimizerSpec("adamw", 1e-2), OptimizerSpec("adam", 1e-2),
+                                  OptimizerSpec("sgd", 1e-2, momentum=0.9)])
+def test_masked_state_forget_side_is_bitwise_the_dense_update(spec):
+    from diffusion_unlearn.optim import MaskedStateOptimizer
+
+    dense, mask, _ = _lean_vs_dense(spec, lean=False)
+    lean, _, opt = _lean_vs_dense(spec, lean=True)
+    assert isinstance(opt.forget_optimizer, MaskedStateOptimizer)
+    for (n, a), b in zip(dense.named_parameters(), lean.parameters()):
+        assert torch.equal(a, b), n
+    packed = sum(t.numel() for st in opt.forget_optimizer.state for t in st.values() if t.ndim)
+    per_entry = 1 if spec.name == "sgd" else 2
+    assert packed == per_entry * sum(int(m.sum()) for m in mask.values())  # state only where the mask is 1
+
+
+def test_masked_state_never_moves_masked_out_weights_with_weight_decay():
+    spec = OptimizerSpec("adamw", 1e-2, weight_decay=0.1)
+    dense_moved, lean_moved = [], []
+    _lean_vs_dense(spec, lean=False, moved_out=dense_moved)
+    _lean_vs_dense(spec, lean=True, moved_out=lean_moved)
+    assert all(n > 0 for n in dense_moved)  # dense AdamW's decoupled decay shrinks masked-out weights
+    assert lean_moved == [0] * len(lean_moved)  # the masked state never touches them
+
+
+def test_masked_state_round_trips():
+    spec = OptimizerSpec("adamw", 1e-2)
+    model, _, opt = _lean_vs_dense(spec, lean=True, steps=2)
+    state = copy.deepcopy(opt.state_dict())
+    twin, _, opt2 = _lean_vs_dense(spec, lean=True, steps=2)
+    opt2.load_state_dict(state)
+    for a, b in zip(opt.forget_optimizer.state, opt2.forget_optimizer.state):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

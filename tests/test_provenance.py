@@ -270,6 +270,8 @@ def test_eval_prints_its_metrics_when_out_cannot_be_written(tiny_model, tmp_path
     monkeypatch.setattr(evaluate_module, "load_classifier", lambda *a, **k: type("C", (), {"meta": {}})())
     monkeypatch.setattr(evaluate_module, "check_classifier_classes", lambda *a: None)
     monkeypatch.setattr(evaluate_module, "find_inception_weights", lambda *a: None)
+    monkeypatch.setattr(evaluate_module, "calibration_for", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate_module, "calibration_sets", lambda *a, **k: ())
     from diffusion_unlearn.config import EvalConfig
 
     with pytest.raises(WriteError, match="printed to stdout"):

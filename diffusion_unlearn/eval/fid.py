@@ -141,7 +141,8 @@ def _short_hash(data: bytes) -> str:
 
 
 class ClassifierFeatures(FeatureExtractorBase):
-    """Penultimate features of an FA classifier; `feature_extractor_weights_path` is its folder."""
+    """Penultimate features (FID, KID, precision/recall) and logits (IS) of an FA classifier;
+    `feature_extractor_weights_path` is its folder."""
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str, **kwargs):
         super().__init__(name, features_list)
@@ -149,11 +150,11 @@ class ClassifierFeatures(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
-        return ("penultimate",)
+        return ("penultimate", "logits")
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "penultimate"
+        return "logits" if metric == "isc" else "penultimate"
 
     @staticmethod
     def can_be_compiled() -> bool:
@@ -161,7 +162,8 @@ class ClassifierFeatures(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         images = x.float() / 255 * 2 - 1  # (N, C, H, W) uint8 → [-1, 1]
-        return (self.classifier.features(images),)  # (N, D)
+        layers = {"penultimate": self.classifier.features, "logits": self.classifier.logits}  # (N, D), (N, K)
+        return tuple(layers[name](images) for name in self.features_list)
 
 
 if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
