@@ -8,6 +8,8 @@ protocol (`PROTOCOLS`) < `--preset NAME` < `--config FILE` < flags. Keys may be 
 `--forget-lr`, `--gamma`, `--ewc-lambda`); a flat alias is resolved through one alias table per class and never
 crosses sections. Unknown keys at any depth and bad values are a one-line `UserError` each (docs/architecture.md,
 "Configs").
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class OptimizerConfig:
 
 @config_class
 class MaskSettings:
-    """A saliency mask: SFRon's Fisher ratio (paper §3, reference §2.1.1), m = (F_f + 1e-15)/(F_r + 1e-15) ≥ γ,
+    """A saliency mask: SFRon's Fisher ratio (paper Section 3, reference §2.1.1), m = (F_f + 1e-15)/(F_r + 1e-15) ≥ γ,
     or SalUn's top-k (§2.2), m = 1 on the `topk_fraction` of all weights with the largest |Σ forget-loss
     gradient|. Which of the two a run builds is its method's `mask_kind` (or `mask --kind`)."""
 

@@ -1,4 +1,4 @@
-"""The `convert` subcommand: import the DDPM lineage's files (reference-implementation.md §1.4, §2.1.1, §2.2).
+"""The `convert` subcommand: import the DDPM lineage's files (reference §1.4, §2.1.1, §2.2).
 
 - `--from lineage-ddpm ckpt.pth`: the published checkpoint (a list `[model_state ("module.*"), optimizer_state,
   step, ema_shadow]`) → a model folder of `ClassConditionalUNet`, raw weights (what the paper's runs forget from
@@ -16,6 +16,8 @@ frequencies exp(−ln 10⁴·i/127) (the original: /128): exported to diffusers,
 
 Every `.pt` loads on the CPU with `weights_only=True`; `--trust-pickle` allows arbitrary unpickling, which only
 files holding more than tensors and plain containers need (none of the files above do).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

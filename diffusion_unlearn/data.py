@@ -1,4 +1,7 @@
-"""Datasets (digits, CIFAR-10 python batches, image folders), forget/retain splits and a resumable BatchStream."""
+"""Datasets (digits, CIFAR-10 python batches, image folders), forget/retain splits and a resumable BatchStream.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
+"""
 
 from __future__ import annotations
 

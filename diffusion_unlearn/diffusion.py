@@ -1,4 +1,7 @@
-"""The DDPM forward process as the lineage code defines it (reference-implementation.md §1.2)."""
+"""The DDPM forward process as the lineage code defines it (reference §1.2).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
+"""
 
 from __future__ import annotations
 

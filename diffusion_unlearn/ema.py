@@ -1,4 +1,7 @@
-"""Exponential moving average of the trainable weights: shadow ← μ·shadow + (1 − μ)·θ (reference §1.3)."""
+"""Exponential moving average of the trainable weights: shadow ← μ·shadow + (1 − μ)·θ (reference §1.3).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""DualOptim (paper §3.4, Algorithm 1): separate optimizer states for the forget and the retain objective.
+"""DualOptim (paper Section 3.4, Algorithm 1): separate optimizer states for the forget and the retain objective.
 
 Both optimizers cover the same parameters. `forget_step` steps the forget optimizer on the forget gradient,
 `retain_step` the retain optimizer on the retain gradient. With mode `shared` one optimizer does both steps,
 so its momentum mixes the two objectives (the single-optimizer baseline of Table 6 / reference §3.1); modes
 `dual-m` and `dual-v` decouple only Adam's first or only its second moment (Table 17).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Restricted reading of a plain `pickle.dump` of a dict name → tensor, such as Selective Amnesia's
-`fisher_dict.pkl` (reference-implementation.md §2.3: CUDA tensors, `module.` keys).
+`fisher_dict.pkl` (reference §2.3: CUDA tensors, `module.` keys).
 
 `pickle.dump` of a tensor (not `torch.save`) stores `torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, requires_grad, hooks[, metadata])`, the storage as `torch.storage._load_from_bytes(blob)`, where `blob`
@@ -7,6 +7,8 @@ is a legacy `torch.save` of the storage naming its device ("cuda:0"). Plain `pic
 the file names and restore CUDA storages on a GPU. Here only those rebuild functions (and `OrderedDict`, the
 hooks' container) may be named: each storage blob is read by `torch.load(map_location="cpu", weights_only=True)`,
 so no code from the file runs and no GPU is needed.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 A pixel-space DDPM U-Net, or a latent DiT (reference §4.1): its frozen VAE is loaded (`--vae`) or trained on
 the same images first (vae.py), and the DiT trains on the VAE's posterior moments, cached once (latents.py).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

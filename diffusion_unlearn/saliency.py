@@ -1,5 +1,8 @@
 """Fisher diagonals (SFRon §2.1.1, SA §2.3), saliency masks (SFRon's Fisher ratio, SalUn's top-k §2.2), mask files,
-gradient masking."""
+gradient masking.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
+"""
 
 from __future__ import annotations
 

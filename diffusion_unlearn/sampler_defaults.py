@@ -5,6 +5,8 @@ Each backbone declares its own (`Backbone.sampler_defaults`): DDPM models keep t
 float32 (the published samplers' precision; `--protocol paper` sets it explicitly), except where a backbone's
 `cuda_precision` says otherwise for a purpose on CUDA (DiT grids: pictures to look at, bf16 for speed).
 Explicit values always win.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

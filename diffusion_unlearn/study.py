@@ -1,4 +1,4 @@
-"""`study`: does DualOptim make unlearning better and more stable across forget sets? (paper §4, Table 1/3,
+"""`study`: does DualOptim make unlearning better and more stable across forget sets? (paper Section 4, Table 1/3,
 Figure 2, Table 14). Runs methods × optimizer setups × forgotten classes × seeds (× forget lrs) from one base
 model, each cell evaluated alike, and writes a table, a CSV of every cell and FA/FID-over-iterations plots.
 

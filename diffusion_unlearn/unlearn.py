@@ -6,6 +6,8 @@ supplies the losses and declares its mask and its preparation; a method without 
 retain steps only. The loop runs under
 accelerate, saves a resumable state every `checkpoint_every` iterations, and stops on a non-finite loss
 keeping the last good state.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The frozen VAE of a latent DiT: load a diffusers `AutoencoderKL`, or train a small one on a small dataset.
 
-DiT runs on the latents of Stable Diffusion's KL autoencoder (reference-implementation.md §4.1). For data far
+DiT runs on the latents of Stable Diffusion's KL autoencoder (reference §4.1). For data far
 from SD's (8×8 grey digits) a small `AutoencoderKL` is trained here instead: the KL-regularised autoencoder of
-Rombach et al. (LDM, CVPR 2022, §3), reconstruction MSE plus a down-weighted KL to N(0, I), without LDM's
+Rombach et al. (LDM, CVPR 2022, Section 3), reconstruction MSE plus a down-weighted KL to N(0, I), without LDM's
 perceptual and adversarial terms. Its `scaling_factor` is measured as LDM does: 1 / std of the latents of the
 training images, so that scaled latents have unit variance.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 A trained classifier is a folder with `classifier.safetensors` and `classifier.json`. It takes images in
 [-1, 1] at the dataset resolution and applies its own normalisation (and optional resize) inside.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

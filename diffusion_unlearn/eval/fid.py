@@ -5,6 +5,8 @@ statistics depend on: dataset, root, split, transform, excluded class, count, la
 extractor's weights hash. Two feature extractors: torch-fidelity's `inception-v3-compat` (weights from
 a local file: nothing is downloaded) and the penultimate features of an FA classifier (for digits,
 where Inception makes no sense).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The reference's DiT FA classifier is torchvision's ImageNet ResNet-34 as it is (
 file `resnet34-b627a593.pth`), reading the 256 px samples resized to 224×224 (bilinear, PIL) and normalised with
 the ImageNet mean and std. torchvision's and timm's ResNets share one state-dict layout, so either file loads
 exactly into timm's network of the same name; nothing is downloaded.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

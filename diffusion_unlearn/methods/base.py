@@ -9,6 +9,8 @@ forget steps), `supports_latent_cache` (whether cached VAE moments can stand in 
 and the method's settings, so a study makes them once and shares them, and `--restart` removes them).
 `prepare` may cache artefacts beside the run and choose the data the retain steps draw from. Register a new
 method with `methods.register_method`.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The simple baselines of the unlearning literature, on a class-conditional DDPM (DualOptim paper §4.1).
+"""The simple baselines of the unlearning literature, on a class-conditional DDPM (DualOptim paper Section 4.1).
 
 GA (gradient ascent, Thudi et al.): ascend L_simple on the forget images. RL (random label, Golatkar et al.):
 fit the forget images under a random other label with the true noise as target. FT (fine-tuning, Warnecke et
 al.): retain steps only, no forget loss. All three take the usual retain loss; pure GA or RL is
 `--retain-steps 0`. None has a mask of its own (`--mask FILE` adds one).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ dual variant: the surrogate loss in the forget step, replay + EWC in the retain 
 the Fisher on [0, 1] images with 10 % label dropout (§2.3, §7.10): `sa_fisher_as_reference`. `sa_fisher`: a
 Fisher made elsewhere (e.g. SA's published `fisher_dict.pkl` through `convert --from lineage-sa-fisher`) instead
 of computing one; it must cover exactly the model's trainable parameters.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

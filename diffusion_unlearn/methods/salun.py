@@ -9,6 +9,8 @@ gradients are masked (the reference's alternating "salun" branch; the joint step
 Paper recipes (presets): the original joint update, one shared Adam, ρ = 1e-3 (`digits-salun-joint`); and the
 alternating update with DualOptim of Appendix C.4/B.2, η_f = 4e-5, η_r = 1e-4 (`digits-salun`). The reference's
 joint loop clips before masking (§7.4); ours masks first, as every other path.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

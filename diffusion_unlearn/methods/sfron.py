@@ -1,8 +1,10 @@
-"""SFRon (Huang et al.), as the DualOptim reference runs it on DDPM (reference-implementation.md §2.1).
+"""SFRon (Huang et al.), as the DualOptim reference runs it on DDPM (reference §2.1).
 
 Forget loss: adaptive gradient ascent ℓ_F = −Σ_i w_i ℓ_i with w_i = sg[ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}] (λ = 0.5),
 so samples the model still fits well get the larger ascent weight. Retain loss: ρ·L_simple with CFG label
 dropout, as in pretraining. The mask is the Fisher ratio (saliency.ratio_mask), applied to forget gradients.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

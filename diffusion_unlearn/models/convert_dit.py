@@ -1,6 +1,6 @@
 """DiT checkpoints in, and out: original facebookresearch DiT, the reference unlearning code, stock diffusers.
 
-Formats (reference-implementation.md §4.1, §4.4, §5.2):
+Formats (reference §4.1, §4.4, §5.2):
 
 * original: `DiT-XL-2-256x256.pt`, a plain state dict, or a training checkpoint `{"model", "ema", ...}` from
   which the original's `find_model` takes `"ema"`;
@@ -12,6 +12,8 @@ Formats (reference-implementation.md §4.1, §4.4, §5.2):
 
 Our model keeps the original keys, so original ↔ ours is `load_state_dict`/`state_dict` plus a configuration.
 The weights give every size but the head count: a size name (`DiT-XL/2`) or `num_heads` supplies it.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

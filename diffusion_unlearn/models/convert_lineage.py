@@ -1,9 +1,11 @@
 """The lineage's checkpoints (SA / SalUn / SFRon / DualOptim DDPM `ckpt.pth`) -> `ClassConditionalUNet`.
 
-The published `ckpt.pth` is `torch.save` of a Python list (reference-implementation.md §1.4):
+The published `ckpt.pth` is `torch.save` of a Python list (reference §1.4):
 `[model_state (keys "module.*"), optimizer_state, step: int, ema_shadow (unprefixed)]`, the EMA element present
 only when the run used EMA. There is no config inside (it lives in `logs/config.yaml`); every published
 CIFAR-10 run uses the same configuration, our `cifar10` preset.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

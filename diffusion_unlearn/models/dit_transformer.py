@@ -1,6 +1,6 @@
 """The original DiT (Peebles & Xie, facebookresearch/DiT `models.py`) as a diffusers model.
 
-A faithful re-implementation (reference-implementation.md §4.1): submodule names reproduce the original
+A faithful re-implementation (reference §4.1): submodule names reproduce the original
 state-dict keys exactly (`x_embedder.proj`, `t_embedder.mlp.{0,2}`, `y_embedder.embedding_table`, `pos_embed`,
 `blocks.{i}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1}`, `final_layer.*`), so an original
 checkpoint loads with `load_state_dict(strict=True)`; see `convert_dit.py`.
@@ -16,6 +16,8 @@ Where diffusers' `DiTTransformer2DModel` differs from the original and we do not
 
 `pos_embed` is the fixed 2-D sin-cos table, a persistent buffer (not a parameter: masks, optimizers and EMA
 never see it), kept in the state dict under its original key.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

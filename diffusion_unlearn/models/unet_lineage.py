@@ -1,7 +1,7 @@
 """The SA / SalUn / SFRon / DualOptim class-conditional U-Net, as a diffusers model.
 
 A faithful re-implementation of the lineage's `Conditional_Model` (DualOptim `DDPM/models/diffusion.py`,
-reference-implementation.md §1.1), itself the DDIM "ddpm_cifar10" U-Net with a class embedding added.
+reference §1.1), itself the DDIM "ddpm_cifar10" U-Net with a class embedding added.
 Submodule names reproduce the reference state-dict keys exactly, so a reference state dict (after stripping
 the DataParallel `module.` prefix) loads with `load_state_dict(strict=True)`; see `convert_lineage.py`.
 
@@ -16,6 +16,8 @@ Differences from the reference, all deliberate:
   `(1+w)·ε_c − w·ε_∅` (reference `mode="test"`) is done by the pipeline.
 * The class-embedding width fed to `temb_cemb_proj` is `4*ch` here; the reference hard-codes 512, which is the
   same number for the published `ch=128` and would be a shape mismatch for any other `ch`.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from a diffusion model, and nothing else.
 A method calls `per_sample_loss` (the denoising loss with optional CFG label dropout, or on the guided
 output), `noised`/`eps` (one x_t, several predictions), `named_parameters` and `generate`, and never looks
 inside the model, so any method runs on any backbone.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 A method calls `per_sample_loss(x0, labels, *, cfg_dropout, guidance_w)` on images in [−1, 1] exactly as on
 the pixel DDPM; this adapter encodes them (a VAE posterior SAMPLE × scaling_factor, as the original's
-training and the reference's unlearning, reference-implementation.md §4.1) and returns the DiT training loss.
+training and the reference's unlearning, reference §4.1) and returns the DiT training loss.
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Guided sampling of a latent DiT: the original's respaced diffusion in tensors, and a diffusers pipeline.
 
 `SpacedDiffusion` is the original DiT's `GaussianDiffusion` behind `SpacedDiffusion` (guided-diffusion's
-`respace.py`; reference-implementation.md §4.1): float64 coefficients cast to float32 on use, the model fed
+`respace.py`; reference §4.1): float64 coefficients cast to float32 on use, the model fed
 the ORIGINAL step indices, learned-range variance. Two samplers run on it:
 
 * paper-faithful `ddpm`: 250 evenly respaced steps (`space_timesteps(1000, "250")`), ancestral steps with the
@@ -10,6 +10,8 @@ the ORIGINAL step indices, learned-range variance. Two samplers run on it:
 * fast `ddim`: DDIM (η = 0 by default, no clipping) on N evenly respaced steps.
 
 The null label is `transformer.config.num_classes` (diffusers' `DiTPipeline` hard-codes 1000).
+
+Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations
