@@ -568,7 +568,8 @@ def validation_message(error: ValidationError, cls: type, prefix: str = "") -> s
         if e["type"] in ("greater_than", "greater_than_equal"):  # counts: say the least value allowed
             least = e["ctx"].get("gt", e["ctx"].get("ge"))
             message = f"must be at least {least + 1 if e['type'] == 'greater_than' else least}"
-        shown = "" if e["type"] in ("missing", "unexpected_keyword_argument") else f" (got {e['input']!r})"
+        given = e["input"] if isinstance(e["input"], str) else repr(e["input"])  # a flag's text as typed
+        shown = "" if e["type"] in ("missing", "unexpected_keyword_argument") else f" (got {given})"
         lines.append(f"{key}: {message}{shown}")
     return "\n".join(lines)
 
