@@ -212,6 +212,30 @@ class ForgetConfig:
     restart: bool = False  # discard what an earlier run left in --out (state, mask, SA files, outputs) and start over
     seed: int = 0
     device: str = "auto"
+    # Stop when forgotten (stopping.py, docs/stopping-and-relearning.md): probe the weights every `probe_every`
+    # iterations; stop once fa_in_distribution ≤ target_fa on two consecutive probes, or at max_iterations
+    # (which then replaces `iterations` as the loop's length and α's cosine horizon).
+    until_forgotten: bool = False
+    classifier: str = ""  # the FA classifier folder (required with --until-forgotten)
+    probe_every: PositiveInt = 10
+    probe_samples: PositiveInt = 100  # forgotten-class samples per probe (fa_in_distribution)
+    probe_retain_per_class: PositiveInt = 10  # samples per retained class per probe (retained accuracy)
+    target_fa: float = 0.01
+    max_iterations: PositiveInt = 1000
+
+    @property
+    def planned_iterations(self) -> int:
+        """The loop's length and α's horizon: `max_iterations` with `until_forgotten`, else `iterations`."""
+        return self.max_iterations if self.until_forgotten else self.iterations
+
+    @model_validator(mode="after")
+    def _check_stopping(self) -> ForgetConfig:
+        if self.until_forgotten and not self.classifier:
+            raise UserError("--until-forgotten needs --classifier FOLDER (the FA classifier its probes use; train "
+                            "one with `diffusion-unlearn train-classifier`)")
+        if not 0 <= self.target_fa < 1:
+            raise UserError(f"target_fa: must lie in [0, 1) (got {self.target_fa})")
+        return self
 
     @model_validator(mode="after")
     def _check_method_and_steps(self) -> ForgetConfig:
