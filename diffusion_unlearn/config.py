@@ -370,6 +370,36 @@ class StudyConfig:
 
 
 @config_class
+class RelearnConfig:
+    """How hard is it to bring a forgotten class back? Fine-tune `model` with the plain denoising loss
+    (pretraining's, CFG label dropout included) on retained-class data only (shots 0) and on K images of the
+    forgotten class (each K of `shots`), for `max_steps` steps; probe fa and fa_in_distribution every `probe_every`
+    steps. Writes relearn.json, relearn.png and relearn.md; each variant resumes from its state.pt."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    forget_class: int = 0
+    classifier: str = ""
+    out: str = "runs/relearn"
+    shots: str = "0,1,5,25"  # K forgotten-class images per variant; 0: retained-class data only
+    max_steps: PositiveInt = 300  # N
+    lr: float = 1e-4
+    batch_size: PositiveInt = 32
+    optimizer: OptimizerName = "adamw"
+    grad_clip: float = 1.0
+    cfg_dropout: float = 0.1
+    probe_every: PositiveInt = 25
+    probe_samples: PositiveInt = 100  # forgotten-class samples per probe (the same seeds at every probe)
+    relearned_at: float = 0.5  # "relearned": the first probe with fa_in_distribution at or above this
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    checkpoint_every: PositiveInt = 50
+    restart: bool = False  # discard the variants an earlier run left in --out
+    seed: int = 0
+    device: str = "auto"
+
+
+@config_class
 class DemoConfig:
     """The whole path on the embedded digits: base model, classifier, SFRon + DualOptim, evaluation, report.
     `--backbone dit`: a latent DiT on the latents of a small VAE, both trained on the digits first."""
