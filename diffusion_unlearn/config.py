@@ -215,8 +215,10 @@ class ForgetConfig:
     # Stop when forgotten (stopping.py, docs/stopping-and-relearning.md): probe the weights every `probe_every`
     # iterations; stop once fa_in_distribution ≤ target_fa on two consecutive probes, or at max_iterations
     # (which then replaces `iterations` as the loop's length and α's cosine horizon).
-    until_forgotten: bool = False
-    classifier: str = ""  # the FA classifier folder (required with --until-forgotten)
+    until_forgotten: bool = field(default=False, metadata={
+        "help": "probe every --probe-every iterations; stop once fa_in_distribution <= --target-fa on two "
+                "consecutive probes, or at --max-iterations (then the loop's length and α's cosine horizon)"})
+    classifier: str = field(default="", metadata={"help": "the FA classifier folder (needed by --until-forgotten)"})
     probe_every: PositiveInt = 10
     probe_samples: PositiveInt = 100  # forgotten-class samples per probe (fa_in_distribution)
     probe_retain_per_class: PositiveInt = 10  # samples per retained class per probe (retained accuracy)
