@@ -9,7 +9,8 @@ import sys
 from typing import Callable
 
 from diffusion_unlearn.config import (ConvertConfig, DemoConfig, EvalConfig, ForgetConfig, MaskConfig, PretrainConfig,
-                                      SampleConfig, StudyConfig, add_config_arguments, config_from_args)
+                                      RelearnConfig, SampleConfig, StudyConfig, add_config_arguments,
+                                      config_from_args)
 from diffusion_unlearn.fileio import UserError
 
 
@@ -22,6 +23,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from diffusion_unlearn.eval.import_classifier import ImportClassifierConfig, import_classifier
     from diffusion_unlearn.methods import MethodsConfig, list_methods
     from diffusion_unlearn.pretrain import pretrain
+    from diffusion_unlearn.relearn import relearn
     from diffusion_unlearn.sample import sample
     from diffusion_unlearn.study import study
     from diffusion_unlearn.unlearn import forget, mask
@@ -40,6 +42,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
                     "export DiT folders"),
         "study": (StudyConfig, study, "stability study: methods × optimizer setups × classes × seeds → table, "
                   "CSV, FA/FID curves"),
+        "relearn": (RelearnConfig, relearn, "fine-tune on retained data or K forgotten-class images: steps until the "
+                    "class comes back"),
         "demo": (DemoConfig, demo, "the whole path on the embedded digits dataset"),
     }
 

@@ -212,6 +212,32 @@ class ForgetConfig:
     restart: bool = False  # discard what an earlier run left in --out (state, mask, SA files, outputs) and start over
     seed: int = 0
     device: str = "auto"
+    # Stop when forgotten (stopping.py, docs/stopping-and-relearning.md): probe the weights every `probe_every`
+    # iterations; stop once fa_in_distribution ≤ target_fa on two consecutive probes, or at max_iterations
+    # (which then replaces `iterations` as the loop's length and α's cosine horizon).
+    until_forgotten: bool = field(default=False, metadata={
+        "help": "probe every --probe-every iterations; stop once fa_in_distribution <= --target-fa on two "
+                "consecutive probes, or at --max-iterations (then the loop's length and α's cosine horizon)"})
+    classifier: str = field(default="", metadata={"help": "the FA classifier folder (needed by --until-forgotten)"})
+    probe_every: PositiveInt = 10
+    probe_samples: PositiveInt = 100  # forgotten-class samples per probe (fa_in_distribution)
+    probe_retain_per_class: PositiveInt = 10  # samples per retained class per probe (retained accuracy)
+    target_fa: float = 0.01
+    max_iterations: PositiveInt = 1000
+
+    @property
+    def planned_iterations(self) -> int:
+        """The loop's length and α's horizon: `max_iterations` with `until_forgotten`, else `iterations`."""
+        return self.max_iterations if self.until_forgotten else self.iterations
+
+    @model_validator(mode="after")
+    def _check_stopping(self) -> ForgetConfig:
+        if self.until_forgotten and not self.classifier:
+            raise UserError("--until-forgotten needs --classifier FOLDER (the FA classifier its probes use; train "
+                            "one with `diffusion-unlearn train-classifier`)")
+        if not 0 <= self.target_fa < 1:
+            raise UserError(f"target_fa: must lie in [0, 1) (got {self.target_fa})")
+        return self
 
     @model_validator(mode="after")
     def _check_method_and_steps(self) -> ForgetConfig:
@@ -342,6 +368,36 @@ class StudyConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20))
     jobs: PositiveInt = 1  # cells run at once, each in its own process with cores/jobs threads
     restart: bool = False  # discard the cells, shared files and scores an earlier study left in --out
+    device: str = "auto"
+
+
+@config_class
+class RelearnConfig:
+    """How hard is it to bring a forgotten class back? Fine-tune `model` with the plain denoising loss
+    (pretraining's, CFG label dropout included) on retained-class data only (shots 0) and on K images of the
+    forgotten class (each K of `shots`), for `max_steps` steps; probe fa and fa_in_distribution every `probe_every`
+    steps. Writes relearn.json, relearn.png and relearn.md; each variant resumes from its state.pt."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    forget_class: int = 0
+    classifier: str = ""
+    out: str = "runs/relearn"
+    shots: str = "0,1,5,25"  # K forgotten-class images per variant; 0: retained-class data only
+    max_steps: PositiveInt = 300  # N
+    lr: float = 1e-4
+    batch_size: PositiveInt = 32
+    optimizer: OptimizerName = "adamw"
+    grad_clip: float = 1.0
+    cfg_dropout: float = 0.1
+    probe_every: PositiveInt = 25
+    probe_samples: PositiveInt = 100  # forgotten-class samples per probe (the same seeds at every probe)
+    relearned_at: float = 0.5  # "relearned": the first probe with fa_in_distribution at or above this
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    checkpoint_every: PositiveInt = 50
+    restart: bool = False  # discard the variants an earlier run left in --out
+    seed: int = 0
     device: str = "auto"
 
 

@@ -39,6 +39,8 @@ from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, 
 from diffusion_unlearn.saliency import (GradientMask, compute_mask, load_mask, mask_density, mask_description,
                                         mask_metadata, save_mask)
 from diffusion_unlearn.sampler_defaults import resolve_sampler
+from diffusion_unlearn.stopping import (STOP_SETTINGS, STOPPING_FILE, UntilForgotten, check_stopping_options, finish,
+                                        probe_measure, until_forgotten)
 
 StepCallback = Callable[[int, str], None]  # (iteration, "forget" | "retain" | "joint"), after each step
 
@@ -77,7 +79,7 @@ class OutputPaths:
     def __getattr__(self, name: str) -> Path:
         files = {"state": "state.pt", "log": "log.jsonl", "config": "config.yaml", "mask": "mask.safetensors",
                  "model": "model", "ema": "ema.safetensors", "optimizers": "optimizers.pt",
-                 "grid_before": "grid-before.png", "grid_after": "grid-after.png"}
+                 "grid_before": "grid-before.png", "grid_after": "grid-after.png", "stopping": STOPPING_FILE}
         if name not in files:
             raise AttributeError(name)
         return self.root / files[name]
@@ -101,14 +103,19 @@ def check_forget_options(cfg: ForgetConfig) -> None:
     """Input files, before any model is loaded (counts are checked by the config itself)."""
     if cfg.mask.file:
         check_readable_file(cfg.mask.file, "mask file", "make one with `diffusion-unlearn mask`")
+    check_stopping_options(cfg)
 
 
 # ----------------------------------------------------------------------------- provenance of a run folder
 
 
 def run_record(cfg: ForgetConfig) -> Provenance:
-    """What a run's `state.pt` was made with: every setting that can change the result."""
-    return Provenance("forget-state", settings_of(cfg))
+    """What a run's `state.pt` was made with: every setting that can change the result (the stop settings only
+    with --until-forgotten)."""
+    settings = settings_of(cfg)
+    if not cfg.until_forgotten:
+        settings = {k: v for k, v in settings.items() if k not in STOP_SETTINGS}
+    return Provenance("forget-state", settings)
 
 
 def mask_record(cfg: ForgetConfig) -> Provenance | None:
@@ -140,7 +147,7 @@ def discard_run(paths: OutputPaths) -> None:
     """`--restart`: remove what an earlier run wrote into the folder (its files only, nothing else)."""
     import shutil
 
-    names = ("state", "log", "config", "mask", "ema", "optimizers", "grid_before", "grid_after")
+    names = ("state", "log", "config", "mask", "ema", "optimizers", "grid_before", "grid_after", "stopping")
     cached = [paths.root / name for method in METHODS.values() for name in method.artefacts]
     for path in [getattr(paths, n) for n in names] + cached:
         path.unlink(missing_ok=True)
@@ -221,7 +228,7 @@ class Unlearner:
 
     def run_iteration(self, callback: StepCallback | None) -> dict:
         cfg, k = self.cfg, self.iteration
-        alpha = alpha_at(k, cfg.iterations, cfg.alpha, cfg.alpha_schedule)
+        alpha = alpha_at(k, cfg.planned_iterations, cfg.alpha, cfg.alpha_schedule)
         record: dict = {"iteration": k, "alpha": alpha}
         self.backbone.model.train()
         forgets = self.method.forget_loss is not None
@@ -255,21 +262,29 @@ class Unlearner:
         return record
 
     def run(self, paths: OutputPaths, callback: StepCallback | None = None,
-            probe: Callable[[], dict] | None = None, probe_every: int = 0) -> None:
-        cfg, acc = self.cfg, self.accelerator
+            probe: Callable[[], dict] | None = None, probe_every: int = 0,
+            stopper: UntilForgotten | None = None) -> None:
+        """Iterate to `planned_iterations`, or until `stopper` decides (its decision replayed on resume)."""
+        cfg, acc, total = self.cfg, self.accelerator, self.cfg.planned_iterations
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"forget {cfg.method}+{cfg.optim}",
+        bar = tqdm(total=total, initial=self.iteration, desc=f"forget {cfg.method}+{cfg.optim}",
                    disable=not acc.is_main_process)
-        while self.iteration < cfg.iterations:
+        while self.iteration < total and not (stopper is not None and stopper.reason):
             t0 = time.perf_counter()
             record = self.run_iteration(callback)
             record["seconds"] = time.perf_counter() - t0
-            if probe is not None and (self.iteration % probe_every == 0 or self.iteration == cfg.iterations):
-                self.backbone.model.eval()
-                with torch.random.fork_rng(devices=[]):
-                    record |= probe()
-            checkpoint = self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations
+            probes = [(probe_every, probe)] if probe is not None else []
+            probes += [(stopper.every, lambda: stopper.probe(self.iteration))] if stopper is not None else []
+            for every, measure in probes:
+                if self.iteration % every == 0 or self.iteration == total:
+                    self.backbone.model.eval()
+                    with torch.random.fork_rng(devices=[]):
+                        record |= measure()
+            if stopper is not None:
+                stopper.reason = _main_process_value(stopper.reason, acc)
+            stop = stopper is not None and stopper.reason is not None
+            checkpoint = self.iteration % cfg.checkpoint_every == 0 or self.iteration == total or stop
             if acc.is_main_process:
                 try:
                     append_jsonl(paths.log, record)
@@ -285,6 +300,15 @@ class Unlearner:
         bar.close()
 
 
+def _main_process_value(value: str | None, acc: Accelerator) -> str | None:
+    """The main process's value (a stop decision) on every process: each probes alike, one decides."""
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        value = broadcast_object_list([value])[0]
+    return value
+
+
 # ----------------------------------------------------------------------------- the `forget` subcommand
 
 
@@ -297,6 +321,12 @@ def _truncate_log(path: Path, iteration: int) -> None:
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < iteration]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _log_records(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe | None = None) -> dict:
@@ -318,6 +348,7 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded, dataset = load_model_and_data(model_dir, cfg.dataset, cfg.data_root, cfg.forget_class,
                                           accelerator.device)
+    stop_measure = probe_measure(cfg, loaded, dataset, accelerator.device) if cfg.until_forgotten else None
     cfg = replace(cfg, sampler=resolve_sampler(cfg.sampler, loaded.meta.backbone, "grid",  # grids, SA replay
                                                accelerator.device))
     if cfg.latent_cache:
@@ -361,34 +392,40 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     backbone = loaded.backbone(model=accelerator.prepare_model(unet))
     grad_mask = GradientMask(unet, mask) if mask is not None else None
     unlearner = Unlearner(cfg, backbone, forget_set, retain_set, grad_mask, accelerator, method, record)
+    stopper = None if stop_measure is None else until_forgotten(cfg, lambda: stop_measure(loaded.pipeline))
     if resuming:
         unlearner.load_state_dict(torch.load(paths.state, map_location="cpu", weights_only=True))
         _truncate_log(paths.log, unlearner.iteration)
+        if stopper is not None:  # the probes and decisions of the iterations kept
+            stopper.replay(_log_records(paths.log))
         if accelerator.is_main_process:
-            print(f"forget: resuming {out} from iteration {unlearner.iteration} of {cfg.iterations} (state.pt)",
-                  file=sys.stderr)
+            print(f"forget: resuming {out} from iteration {unlearner.iteration} of {cfg.planned_iterations} "
+                  "(state.pt)", file=sys.stderr)
     elif paths.log.exists():
         paths.log.unlink()
     started = time.perf_counter()
     measure = (lambda: probe.measure(loaded.pipeline)) if probe is not None else None
-    unlearner.run(paths, callback, measure, probe.every if probe is not None else 0)
+    unlearner.run(paths, callback, measure, probe.every if probe is not None else 0, stopper)
     seconds = time.perf_counter() - started
+    stopping = None if stopper is None else stopper.summary()
 
     if accelerator.is_main_process:
         meta = replace(loaded.meta, weights="raw",
                        forgotten_classes=sorted({*loaded.meta.forgotten_classes, cfg.forget_class}),
                        history=[*loaded.meta.history, {"op": "forget", "method": cfg.method, "optim": cfg.optim,
                                                        "forget_class": cfg.forget_class, "source": str(model_dir),
-                                                       "iterations": cfg.iterations,
+                                                       "iterations": unlearner.iteration,
                                                        "provenance": record.to_dict()}])
         save_model_folder(paths.model, unet, meta, vae=loaded.vae)
         save_safetensors_atomic(unlearner.ema.weights(), paths.ema)
         torch_save_atomic(unlearner.optim.state_dict(), paths.optimizers)
         save_image_atomic(grid(f"after: {cfg.method}+{cfg.optim}, forgot {names[cfg.forget_class]}"),
                           paths.grid_after)
+        if stopping is not None:
+            finish(stopping, out)
         paths.state.unlink()
     return {"out": str(out), "model": str(paths.model), "mask_density": None if mask is None else mask_density(mask),
-            "seconds": seconds, "config": config_to_dict(cfg)}
+            "seconds": seconds, "config": config_to_dict(cfg), **({"stopping": stopping} if stopping else {})}
 
 
 def mask(cfg: MaskConfig) -> dict:

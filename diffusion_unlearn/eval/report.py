@@ -68,7 +68,10 @@ def fa_disagreement(name: str, metrics: dict) -> str | None:
 
 
 def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, grid_before: Path, grid_after: Path,
-                 loss_png: Path, notes: list[str]) -> Path:
+                 loss_png: Path, notes: list[str], stopping: dict | None = None) -> Path:
+    """`stopping`: a `forget --until-forgotten` run's stopping.json, shown (with its warning) after the metrics."""
+    from diffusion_unlearn.stopping import report_section
+
     path = Path(path)
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     protocol = (f"{unlearned['sampler']} {unlearned['steps']} steps (η={unlearned['eta']}), guidance s="
@@ -85,6 +88,7 @@ def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, g
         f"{_fmt(unlearned.get('ood_false_reject_rate'), True)} on held-out real images "
         "(docs/forgetting-measures.md).", "",
         f"Protocol: {protocol}.", "",
+        *([report_section(stopping)] if stopping else []),
         "## Samples (one row per class)", "",
         f"| before | after |", "|---|---|",
         f"| ![before]({rel(grid_before)}) | ![after]({rel(grid_after)}) |", "",
