@@ -185,8 +185,8 @@ def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evalua
 
 
 def study_record(cfg: StudyConfig, kind: str, **extra) -> Provenance:
-    """What a study's scores depend on: every study setting except the grid's coordinates, the base model's
-    identity, and `extra`."""
+    """What a study's scores depend on: every study setting except the grid's coordinates and where cells run
+    (so a study started inline may finish on a cluster), the base model's identity, and `extra`."""
     return Provenance(kind, {**settings_of(cfg, NO_EFFECT | GRID_SETTINGS | CLUSTER_SETTINGS),
                              "base_model_files": model_files_identity(cfg.model), **extra})
 
