@@ -366,8 +366,15 @@ class StudyConfig:
     fid_reference_count: PositiveInt | None = None
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20))
-    jobs: PositiveInt = 1  # cells run at once, each in its own process with cores/jobs threads
+    jobs: PositiveInt = 1  # cells at once on this machine (inline: processes, local: submitit jobs), cores/jobs threads
     restart: bool = False  # discard the cells, shared files and scores an earlier study left in --out
+    # where cells run (docs/cluster.md): in this process, as submitit local jobs, or one SLURM array task per cell
+    executor: Literal["inline", "local", "slurm"] = "inline"
+    partition: str | None = None  # SLURM partition (cluster default when unset)
+    gpus_per_cell: NonNegativeInt = 1  # GPUs of a cell's job (local: only where CUDA is present)
+    cpus_per_cell: PositiveInt | None = None  # CPU cores of a SLURM cell's task (cluster default when unset)
+    time_limit: PositiveInt = 240  # minutes a cell's job may run; SLURM: a claim older than this is stale
+    array_parallelism: PositiveInt = 32  # SLURM array tasks (cells) running at once
     device: str = "auto"
 
 

@@ -8,6 +8,12 @@ replay/Fisher, which depend on the class and seed but not on the optimizer), `ba
 reference rows), and the outputs `table.md`, `cells.csv`, `summary.json`, `curves.png`, `lr-sensitivity.png`.
 Every reused file records the settings that made it (provenance.py): shared files are named by a key of their
 settings, and a finished cell or a score made with other settings is refused (`--restart` discards them).
+
+Cells run in this process (`--executor inline`, `--jobs N`: N processes), as submitit local jobs (`local`) or as
+one SLURM array task each (`slurm`); job logs go to `jobs/`. Every cell and shared file is made under a claim
+(claims.py), so study processes and jobs sharing one `--out` make each once; `cells/<cell>/runs.jsonl` records
+who ran a cell. The study process waits until every cell has its `result.json`, making itself those whose claim
+went stale, and then writes the outputs. See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_unlearn.claims import is_stale, owner, read_claim, release, try_claim
 from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, SamplerConfig,
                                       StudyConfig, build_config, preset_path, resolve_device, yaml_values)
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
@@ -32,7 +40,7 @@ from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_cla
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
 from diffusion_unlearn.eval.fid import find_inception_weights
 from diffusion_unlearn.eval.study_report import write_study_outputs
-from diffusion_unlearn.fileio import UserError, read_json, write_json
+from diffusion_unlearn.fileio import UserError, append_jsonl, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
 from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
 from diffusion_unlearn.pipelines.sampling import Pipeline, parse_classes
@@ -48,7 +56,11 @@ OPTIM_SETUPS = ("dual", "shared")
 # StudyConfig settings that choose which cells and baselines exist; each cell records its own coordinates
 GRID_SETTINGS = frozenset({"methods", "optims", "classes", "seeds", "forget_lrs", "retrain_dir", "train_retrain",
                            "retrain_preset"})
+# StudyConfig settings that choose where and how cells run, never what they compute
+CLUSTER_SETTINGS = frozenset({"executor", "partition", "gpus_per_cell", "cpus_per_cell", "time_limit",
+                              "array_parallelism"})
 STUDY_FOLDERS = ("cells", "shared", "base", "retrain-scores")  # what --restart discards
+POLL_SECONDS = 2.0  # how often a waiting study process looks for finished cells
 
 
 @dataclass(frozen=True)
@@ -173,9 +185,9 @@ def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evalua
 
 
 def study_record(cfg: StudyConfig, kind: str, **extra) -> Provenance:
-    """What a study's scores depend on: every study setting except the grid's coordinates, the base model's
-    identity, and `extra`."""
-    return Provenance(kind, {**settings_of(cfg, NO_EFFECT | GRID_SETTINGS),
+    """What a study's scores depend on: every study setting except the grid's coordinates and where cells run
+    (so a study started inline may finish on a cluster), the base model's identity, and `extra`."""
+    return Provenance(kind, {**settings_of(cfg, NO_EFFECT | GRID_SETTINGS | CLUSTER_SETTINGS),
                              "base_model_files": model_files_identity(cfg.model), **extra})
 
 
@@ -200,6 +212,61 @@ def reference_scores(evaluator: Evaluator, model: Path, forget_class: int, out: 
                  "curve": evaluator(pipeline, forget_class, curve=True), "provenance": record.to_dict()}
         write_json(out, saved)
     return saved
+
+
+# ----------------------------------------------------------------------------- claimed work
+
+
+class Work(NamedTuple):
+    """A unit of work made once across processes: `make()` under a claim on `folder` until `done()`."""
+
+    folder: Path
+    done: Callable[[], bool]
+    make: Callable[[], object]
+
+
+def run_claimed(work: Work, stale_after: float | None) -> bool:
+    """Make `work` when it is not done and no live process holds its claim; True when this process made it.
+    The claim is released afterwards, also when `make` fails (the next process retries it)."""
+    if work.done():
+        return False
+    claim = try_claim(work.folder, stale_after)
+    if claim is None:
+        return False
+    try:
+        if work.done():  # finished between our look and our claim
+            return False
+        work.make()
+        return True
+    finally:
+        release(work.folder, claim)
+
+
+def wait_for(units: list[Work], stale_after: float | None, jobs: tuple = (), bar: tqdm | None = None) -> None:
+    """Poll until every unit is done. A unit whose claim went stale (its process or job died) is made here, and so
+    is an unclaimed one once none of our `jobs` is left to take it; a failed job's error is raised."""
+    while True:
+        left = [w for w in units if not w.done()]
+        if bar is not None:
+            bar.update(len(units) - len(left) - bar.n)
+        if not left:
+            return
+        for job in jobs:
+            if job.done():
+                job.result()  # raises the job's error (its log is in the job folder)
+        running = any(not job.done() for job in jobs)
+        for work in left:
+            held = read_claim(work.folder)
+            if (held is None and not running) or (held is not None and is_stale(held, stale_after)):
+                run_claimed(work, stale_after)
+        if any(not w.done() for w in left):
+            time.sleep(POLL_SECONDS)
+
+
+def claim_time_limit(cfg: StudyConfig) -> float | None:
+    """When a claim is stale besides its process being gone on this host: on SLURM, past the job's time limit
+    (the job has been killed by then); elsewhere only when its process is gone."""
+    return 60.0 * cfg.time_limit if cfg.executor == "slurm" else None
 
 
 # ----------------------------------------------------------------------------- cells
@@ -244,26 +311,42 @@ def shared_artifacts(cfg: StudyConfig, cell: Cell, root: Path) -> SharedArtifact
 
 
 def prepare_shared(cfg: StudyConfig, cells: list[Cell], root: Path, loaded: LoadedModel, dataset: ImageDataset) -> None:
+    """Make the shared files the unfinished cells need, each once across study processes (claimed in
+    `shared/.claims/`); waits for those another process is making."""
     todo: dict[Path, tuple[Cell, SharedArtifacts]] = {}
     for cell in cells:
         if not (root / "cells" / cell.name / "result.json").exists():
             art = shared_artifacts(cfg, cell, root)
             if art is not None and not art.ready:
                 todo.setdefault(art.files[0], (cell, art))
-    for cell, art in tqdm(todo.values(), desc="study: masks and SA replay", disable=not todo):
-        torch.manual_seed(cell.seed)
-        forget_set, retain_set = forget_retain_split(dataset, cell.forget_class)
-        if art.mask is not None:
-            mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask, art.mask_kind, cell.seed)
-            save_mask(art.files[0], mask, {**mask_description(art.mask, art.mask_kind, cell.forget_class),
-                                           "model": str(cfg.model), "provenance": art.mask_record.to_dict()})
-        else:
-            folder = art.files[0].parent
-            folder.mkdir(parents=True, exist_ok=True)
-            fc = forget_config(cfg, cell, folder)
-            fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid",  # as `forget` does
-                                                     resolve_device(cfg.device)))
-            build_method(fc).prepare(loaded.backbone(), forget_set, retain_set, folder)
+    claims = root / "shared" / ".claims"  # one claim folder per shared file, named by its path under shared/
+    units = [Work(claims / "--".join(first.relative_to(root / "shared").parts), lambda art=art: art.ready,
+                  lambda cell=cell, art=art: make_shared(cfg, cell, art, loaded, dataset))
+             for first, (cell, art) in todo.items()]
+    bar = tqdm(total=len(units), desc="study: masks and SA replay", disable=not units)
+    for work in units:
+        run_claimed(work, claim_time_limit(cfg))
+        bar.update(1)
+    wait_for(units, claim_time_limit(cfg))
+    bar.close()
+
+
+def make_shared(cfg: StudyConfig, cell: Cell, art: SharedArtifacts, loaded: LoadedModel, dataset: ImageDataset
+                ) -> None:
+    """A mask (SFRon, SalUn) or the files of `Method.prepare` (SA's replay and Fisher) for `cell`'s class and seed."""
+    torch.manual_seed(cell.seed)
+    forget_set, retain_set = forget_retain_split(dataset, cell.forget_class)
+    if art.mask is not None:
+        mask = compute_mask(loaded.backbone(), forget_set, retain_set, art.mask, art.mask_kind, cell.seed)
+        save_mask(art.files[0], mask, {**mask_description(art.mask, art.mask_kind, cell.forget_class),
+                                       "model": str(cfg.model), "provenance": art.mask_record.to_dict()})
+    else:
+        folder = art.files[0].parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fc = forget_config(cfg, cell, folder)
+        fc = replace(fc, sampler=resolve_sampler(fc.sampler, loaded.meta.backbone, "grid",  # as `forget` does
+                                                 resolve_device(cfg.device)))
+        build_method(fc).prepare(loaded.backbone(), forget_set, retain_set, folder)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -276,16 +359,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def cell_folder(cfg: StudyConfig, cell: Cell) -> Path:
+    return Path(cfg.out) / "cells" / cell.name
+
+
+def cell_record(cfg: StudyConfig, cell: Cell) -> Provenance:
+    fc = forget_config(cfg, cell, cell_folder(cfg, cell) / "forget")
+    return study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()})
+
+
+def cell_result(cfg: StudyConfig, cell: Cell) -> dict | None:
+    """A finished cell's `result.json` (refused when made with other settings); None when not finished."""
+    return reused_json(cell_folder(cfg, cell) / "result.json", cell_record(cfg, cell))
+
+
+def cell_work(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> Work:
+    folder = cell_folder(cfg, cell)
+    return Work(folder, (folder / "result.json").exists, lambda: run_cell(cfg, cell, evaluator))
+
+
 def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
-    """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last."""
+    """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last. Each run appends who
+    made it (host, pid, SLURM job id) to `runs.jsonl`."""
     root = Path(cfg.out)
-    folder = root / "cells" / cell.name
+    folder = cell_folder(cfg, cell)
     paths = OutputPaths(folder / "forget")
     fc = forget_config(cfg, cell, paths.root)
-    record = study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()})
+    record = cell_record(cfg, cell)
     finished = reused_json(folder / "result.json", record)
     if finished is not None:
         return finished
+    append_jsonl(folder / "runs.jsonl", {k: v for k, v in owner().items() if k != "token"})
     art = shared_artifacts(cfg, cell, root)
     if art is not None and art.mask is not None:
         fc = replace(fc, mask=replace(fc.mask, file=str(art.files[0])))
@@ -313,7 +417,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     return result
 
 
-_WORKER: dict[str, Evaluator] = {}  # a `--jobs` worker process's evaluator, built once
+_WORKER: dict[str, Evaluator] = {}  # an inline `--jobs` worker process's evaluator, built once
 
 
 def _start_worker(cfg: StudyConfig, threads: int) -> None:
@@ -322,8 +426,73 @@ def _start_worker(cfg: StudyConfig, threads: int) -> None:
     _WORKER["evaluator"] = _evaluator(cfg, dataset, loaded.meta.backbone)
 
 
-def _run_cell_in_worker(cfg: StudyConfig, cell: Cell) -> dict:
-    return run_cell(cfg, cell, _WORKER["evaluator"])
+def _run_cell_in_worker(cfg: StudyConfig, cell: Cell) -> bool:
+    return run_claimed(cell_work(cfg, cell, _WORKER["evaluator"]), claim_time_limit(cfg))
+
+
+def cells_job(cfg: StudyConfig, cells: list[Cell], threads: int | None = None) -> list[str]:
+    """A submitit job (local or SLURM): runs, in this process, each of `cells` that is not finished and not
+    claimed by a live process; returns the names of those it ran."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, 0)
+    evaluator = _evaluator(cfg, dataset, loaded.meta.backbone)
+    return [cell.name for cell in cells if run_claimed(cell_work(cfg, cell, evaluator), claim_time_limit(cfg))]
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+def slurm_parameters(cfg: StudyConfig) -> dict:
+    """submitit AutoExecutor parameters of a SLURM cell: one task on one node with `--gpus-per-cell` GPUs."""
+    params = {"name": "diffusion-unlearn-study", "timeout_min": cfg.time_limit, "nodes": 1, "tasks_per_node": 1,
+              "gpus_per_node": cfg.gpus_per_cell, "slurm_array_parallelism": cfg.array_parallelism}
+    if cfg.partition:
+        params["slurm_partition"] = cfg.partition
+    if cfg.cpus_per_cell is not None:
+        params["cpus_per_task"] = cfg.cpus_per_cell
+    return params
+
+
+def submit_cells(cfg: StudyConfig, cells: list[Cell]) -> tuple:
+    """Submit the unfinished `cells`: local, `--jobs` submitit jobs that each work through all of them (claims
+    split them); slurm, a job array of one task per cell. Job logs and pickles go to `<out>/jobs/`."""
+    import submitit
+
+    folder = Path(cfg.out) / "jobs"
+    if cfg.executor == "slurm":
+        try:
+            executor = submitit.AutoExecutor(folder, cluster="slurm")
+        except RuntimeError:
+            raise UserError("--executor slurm needs SLURM (srun/sbatch) on this machine: run the study on the "
+                            "cluster's login node, or use --executor local here") from None
+        executor.update_parameters(**slurm_parameters(cfg))
+        return tuple(executor.map_array(cells_job, [cfg] * len(cells), [[cell] for cell in cells]))
+    executor = submitit.LocalExecutor(folder)
+    gpus = min(cfg.gpus_per_cell, torch.cuda.device_count())
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    jobs = []
+    for i in range(min(cfg.jobs, len(cells))):
+        visible = [(i * gpus + k) % max(1, torch.cuda.device_count()) for k in range(gpus)]  # job i: its own GPUs
+        executor.update_parameters(timeout_min=cfg.time_limit, gpus_per_node=gpus, visible_gpus=visible)
+        jobs.append(executor.submit(cells_job, cfg, cells, threads))
+    return tuple(jobs)
+
+
+def run_inline(cfg: StudyConfig, cells: list[Cell], evaluator: Evaluator, bar: tqdm) -> None:
+    """Run the cells in this process (`--jobs N`: in N processes with cores/N threads each), skipping those
+    another process has claimed."""
+    if cfg.jobs == 1:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            run_claimed(cell_work(cfg, cell, evaluator), claim_time_limit(cfg))
+            bar.update(1)
+        return
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(cfg, threads)) as pool:
+        for _ in pool.map(_run_cell_in_worker, [cfg] * len(cells), cells):
+            bar.update(1)
 
 
 # ----------------------------------------------------------------------------- references
@@ -373,6 +542,9 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
     check_classifier_classes(load_classifier(cfg.classifier), loaded.meta.class_names)
     if fid_extractor_kind(cfg, dataset.channels) == "inception":
         find_inception_weights(cfg.fid_weights)
+    if cfg.executor == "slurm" and cfg.jobs != 1:
+        raise UserError("--jobs counts cells at once on this machine; with --executor slurm set "
+                        "--array-parallelism instead")
     cells = plan_cells(cfg, dataset.num_classes)
     for cell in {replace(c, forget_class=0, seed=0) for c in cells}:
         forget_config(cfg, cell, Path(cfg.out) / "check")  # unknown preset keys etc. fail now
@@ -386,6 +558,8 @@ def study(cfg: StudyConfig) -> dict:
     if cfg.restart:
         for name in STUDY_FOLDERS:
             shutil.rmtree(root / name, ignore_errors=True)
+    for cell in cells:
+        cell_result(cfg, cell)  # a finished cell made with other settings is refused before any work
     root.mkdir(parents=True, exist_ok=True)
     classes = sorted({c.forget_class for c in cells})
     retrain = retrain_models(cfg, classes, root)
@@ -397,21 +571,15 @@ def study(cfg: StudyConfig) -> dict:
     prepare_shared(cfg, cells, root, loaded, dataset)
     del loaded  # each cell loads its own copy in `forget`
 
-    results = []
-    bar = tqdm(total=len(cells), desc="study: cells")
-    if cfg.jobs == 1:
-        for cell in cells:
-            bar.set_postfix_str(cell.name)
-            results.append(run_cell(cfg, cell, evaluator))
-            bar.update(1)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-        with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
-                                 initargs=(cfg, threads)) as pool:
-            futures = [pool.submit(_run_cell_in_worker, cfg, cell) for cell in cells]
-            for future in futures:
-                results.append(future.result())
-                bar.update(1)
+    todo = [cell for cell in cells if not (cell_folder(cfg, cell) / "result.json").exists()]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study: cells")
+    jobs = ()
+    if cfg.executor == "inline":
+        run_inline(cfg, todo, evaluator, bar)
+    elif todo:
+        jobs = submit_cells(cfg, todo)
+    wait_for([cell_work(cfg, cell, evaluator) for cell in cells], claim_time_limit(cfg), jobs, bar)
     bar.close()
+    results = [cell_result(cfg, cell) for cell in cells]
     outputs = write_study_outputs(evaluator.cfg, results, base, retrain_scores, root)  # the resolved sampler
     return {**outputs, "cells": len(results), "seconds": time.perf_counter() - started}
