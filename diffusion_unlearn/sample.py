@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from diffusion_unlearn.config import SampleConfig, SamplerConfig, protocol_deviations, resolve_device
@@ -33,17 +34,19 @@ from diffusion_unlearn.sampler_defaults import resolve_sampler
 STORE_KIND = "sample"
 
 
-def sample(cfg: SampleConfig) -> dict:
+def sample(cfg: SampleConfig) -> dict | None:
     """Write `cfg.grid`, `cfg.out_dir` and/or `cfg.npz`; returns the record of what was drawn (the sample set's
     sampler, else the grid's, at the top level; the grid's under `grid_sampler` when both are written). Every
-    process of an `accelerate launch` calls it; only the main process writes the outputs."""
+    process of an `accelerate launch` calls it; the main process writes the outputs and returns the record, the
+    others return None."""
     if not (cfg.grid or cfg.out_dir or cfg.npz):
         raise UserError("nothing to write: pass --grid FILE.png, --out-dir DIR and/or --npz FILE.npz")
     for option, folder in (("--out-dir", cfg.out_dir), ("--npz", cfg.npz and Path(cfg.npz).parent),
                            ("--grid", cfg.grid and Path(cfg.grid).parent)):
         if folder:
             check_writable_dir(folder, option)
-    processes = PartialState()
+    # accelerate's CPU processes (gloo) need cpu=True: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or cfg.device == "cpu")
     device = str(processes.device) if processes.num_processes > 1 else resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
@@ -62,7 +65,7 @@ def sample(cfg: SampleConfig) -> dict:
             stored = store.read()  # images (N, C, H, W) uint8, labels (N,), indices (N,)
             record["store"] = str(store.root)
     if not processes.is_main_process:
-        return record
+        return None
     if "grid" in samplers:
         if "eval" in samplers:
             record["grid_sampler"] = samplers["grid"].describe()
