@@ -47,6 +47,8 @@ def sample(cfg: SampleConfig) -> dict | None:
             check_writable_dir(folder, option)
     # accelerate's CPU processes (gloo) need cpu=True: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or cfg.device == "cpu")
+    if not (cfg.out_dir or cfg.npz or processes.is_main_process):
+        return None  # the grid is the main process's alone
     device = str(processes.device) if processes.num_processes > 1 else resolve_device(cfg.device)
     loaded = load_model_folder(cfg.model, device)
     classes = parse_classes(cfg.classes, loaded.meta.num_classes)
