@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Callable
 
-from diffusion_unlearn.config import (ConvertConfig, DemoConfig, EvalConfig, ForgetConfig, MaskConfig, PretrainConfig,
-                                      RelearnConfig, SampleConfig, StudyConfig, add_config_arguments,
+from diffusion_unlearn.config import (ConvertConfig, DemoConfig, EvalConfig, FidStatsConfig, ForgetConfig, MaskConfig,
+                                      PretrainConfig, RelearnConfig, SampleConfig, StudyConfig, add_config_arguments,
                                       config_from_args)
 from diffusion_unlearn.fileio import UserError
 
@@ -20,6 +20,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from diffusion_unlearn.demo import demo
     from diffusion_unlearn.eval.classifier import ClassifierConfig, train_classifier
     from diffusion_unlearn.eval.evaluate import evaluate
+    from diffusion_unlearn.eval.fid_stats import fid_stats
     from diffusion_unlearn.eval.import_classifier import ImportClassifierConfig, import_classifier
     from diffusion_unlearn.methods import MethodsConfig, list_methods
     from diffusion_unlearn.pretrain import pretrain
@@ -36,8 +37,9 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "mask": (MaskConfig, mask, "SFRon Fisher-ratio saliency mask"),
         "forget": (ForgetConfig, forget, "unlearn one class (SFRon + DualOptim by default)"),
         "methods": (MethodsConfig, list_methods, "list the forget methods, their papers and presets"),
-        "sample": (SampleConfig, sample, "labelled sample grids and PNG folders"),
+        "sample": (SampleConfig, sample, "labelled sample grids, PNG folders and .npz sample batches"),
         "eval": (EvalConfig, evaluate, "FA, retained accuracy and FID"),
+        "fid-stats": (FidStatsConfig, fid_stats, "FID reference statistics of a dataset → .npz (mu, sigma, record)"),
         "convert": (ConvertConfig, convert, "import the lineage's ckpt.pth or a DiT (→ model folder), mask/Fisher .pt files; "
                     "export DiT folders"),
         "study": (StudyConfig, study, "stability study: methods × optimizer setups × classes × seeds → table, "

@@ -265,7 +265,10 @@ Protocol = Literal["default", "paper"]
 
 @config_class
 class SampleConfig:
-    """Draw labelled grids (one row per class) and/or PNG folders named by image index."""
+    """Draw labelled grids (one row per class), PNG folders named by image index and/or `.npz` sample batches
+    (DiT's sample_ddp.py / OpenAI's evaluator: `arr_0` uint8 N×H×W×C, `arr_1` labels). The PNG folder and the
+    `.npz` are made through a resumable sample store by any number of processes (`accelerate launch`), the same
+    bytes for all; grids by the main process alone."""
 
     model: str = ""
     protocol: Protocol = "default"  # `paper`: the lineage's 1000-step η = 1 sampler at s = 3 (reference §1.5)
@@ -273,8 +276,10 @@ class SampleConfig:
     per_class: PositiveInt = 8
     grid: str | None = None
     out_dir: str | None = None
+    npz: str | None = None  # FILE.npz: the sample set as DiT's / ADM's evaluator reads it
+    store: str | None = None  # the sample store folder; unset: OUT_DIR/store, else FILE.store beside --npz
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    device: str = "auto"
+    device: str = "auto"  # under `accelerate launch` with N > 1 processes: each process's own device
 
 
 FidProtocol = Literal["standard", "legacy"]  # legacy: the published evaluator's images (§5.2)
@@ -300,6 +305,26 @@ class EvalConfig:
     fid_reference_count: PositiveInt | None = None
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: str = "auto"
+
+
+@config_class
+class FidStatsConfig:
+    """FID reference statistics of a dataset as a file (`.npz`: mu, sigma, count and a JSON record of the
+    extractor and its weights hash, dataset, split, selection and protocol), read by `eval` like ADM's reference
+    batches. The images are chosen and read as `eval` reads its FID reference."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    split: str = "train"
+    image_size: PositiveInt | None = None  # imagefolder: the side the images are ADM-center-cropped to
+    exclude_class: int | None = None  # eval's reference leaves out the forgotten class
+    count: PositiveInt | None = None  # a uniform random subset of this many (seed 0); unset: all
+    fid_protocol: FidProtocol = "standard"
+    fid_extractor: FidExtractor = "auto"  # auto: the classifier for 1-channel data (digits), else Inception
+    classifier: str = ""  # the FA classifier folder whose penultimate features the `classifier` extractor uses
+    fid_weights: str | None = None  # Inception weights file (torch-fidelity's inception-v3-compat)
+    out: str = "fid_stats.npz"
     device: str = "auto"
 
 

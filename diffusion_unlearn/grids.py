@@ -13,7 +13,9 @@ from diffusion_unlearn.fileio import atomic_path
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float (N, C, H, W) → uint8 round((x + 1)/2 · 255), clamped (no per-image stretch): the PNGs
-    we write and the images FID reads."""
+    we write and the images FID reads. uint8 images (e.g. from a sample store) are returned as they are."""
+    if images.dtype == torch.uint8:
+        return images
     return ((images.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -36,6 +36,10 @@ def fid_statistics(pool: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def fid_from_statistics(generated: dict, reference: dict) -> float:
+    """FID of two {"mu", "sigma"}; where their float widths differ (torch-fidelity's float32 mu, a file's float64
+    one) both are taken in the wider, which torch-fidelity requires."""
+    wide = {k: np.result_type(generated[k], reference[k]) for k in ("mu", "sigma")}
+    generated, reference = ({k: np.asarray(s[k], dtype=wide[k]) for k in wide} for s in (generated, reference))
     return float(fid_statistics_to_metric(generated, reference, verbose=False)["frechet_inception_distance"])
 
 

@@ -256,3 +256,42 @@ def compute_fid(
         "fid_generated_count": len(generated),
         "fid_reference_cache": cache_name,
     }
+
+
+# ----------------------------------------------------------------------------- reference features (fid-stats)
+
+
+def extractor_spec(extractor: Literal["inception"] | FAClassifier, inception_weights: str | None = None) -> dict:
+    """What `compute_fid` extracts with: torch-fidelity's extractor `name`, FID `layer`, `weights` path, their
+    `sha256`, the `id` in reference cache names and a `label` in words."""
+    if extractor == "inception":
+        weights = find_inception_weights(inception_weights)
+        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
+        sha = file_hash(weights)
+        return {"name": INCEPTION, "layer": "2048", "weights": str(weights), "sha256": sha,
+                "id": f"{INCEPTION}-{sha[:16]}", "label": f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"}
+    if isinstance(extractor, FAClassifier) and extractor.path is not None:
+        sha, arch = extractor.weights_sha256, extractor.meta["arch"]
+        return {"name": CLASSIFIER_EXTRACTOR, "layer": "penultimate", "weights": str(extractor.path), "sha256": sha,
+                "id": f"{arch}-{sha[:16]}", "label": f"{arch} penultimate (sha256 {sha[:12]})"}
+    raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
+
+
+def reference_positions(dataset: ImageDataset, excluded_class: int | None, count: int | None,
+                        protocol: str) -> torch.Tensor:
+    """The positions of the FID reference images `compute_fid` reads under `protocol`."""
+    return reference_indices(dataset, excluded_class, count, _per_class(protocol))
+
+
+def reference_features(dataset: ImageDataset, keep: torch.Tensor, spec: dict, protocol: str = "standard",
+                       device: str = "cpu", batch_size: int = 128) -> torch.Tensor:
+    """FID features (N, D) of `dataset`'s images at `keep`, converted and extracted as `compute_fid` reads its
+    reference (float32, torch-fidelity's extractor `spec` from `extractor_spec`)."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    cuda = torch.device(resolve_device(str(device))).type == "cuda"
+    convert = legacy_uint8 if protocol == "legacy" else to_uint8
+    images = UInt8Images(lambda idx: dataset.get_batch(keep[idx])[0], len(keep), spec["name"] == INCEPTION, convert)
+    extractor = create_feature_extractor(spec["name"], [spec["layer"]], cuda=cuda, verbose=False,
+                                         feature_extractor_weights_path=spec["weights"])
+    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, True, False)[spec["layer"]]

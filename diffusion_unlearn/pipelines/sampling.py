@@ -59,14 +59,20 @@ def generate(pipeline: Pipeline, classes: Sequence[int], per_class: int, sampler
     """`per_class` guided samples of each class: images (N, C, H, W) in [-1, 1], labels, indices. On a DiT,
     `sampler.sampler` "ddpm" is the paper-faithful respaced ancestral sampler, "ddim" the fast DDIM one. A sampling
     precision left `auto` (a sampler not passed through `resolve_sampler`) samples in float32."""
+    labels, indices = class_sample_plan(classes, per_class)
+    return draw_images(pipeline, labels, indices, sampler, progress), labels, indices
+
+
+def draw_images(pipeline: Pipeline, labels: torch.Tensor, indices: Sequence[int], sampler: SamplerConfig,
+                progress: bool = True) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] of the given labels (N,), image n seeded by `indices[n]`, in batches of
+    `sampler.sample_batch_size` (the batch composition fixes every float)."""
     if not is_resolved(sampler):
         raise ValueError(f"sampler {sampler} has unset fields; fill them with resolve_sampler(...) first")
-    labels, indices = class_sample_plan(classes, per_class)
     precision = "fp32" if sampler.sampling_precision == "auto" else sampler.sampling_precision
-    images = pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
-                      sampler=sampler.sampler, eta=sampler.eta, seed=sampler.sample_seed, indices=indices,
-                      batch_size=sampler.sample_batch_size, precision=precision, progress=progress)
-    return images, labels, indices
+    return pipeline(labels, guidance_scale=sampler.guidance_scale, num_inference_steps=sampler.steps,
+                    sampler=sampler.sampler, eta=sampler.eta, seed=sampler.sample_seed, indices=list(indices),
+                    batch_size=sampler.sample_batch_size, precision=precision, progress=progress)
 
 
 def class_grid(pipeline: Pipeline, class_names: Sequence[str], classes: Sequence[int],
