@@ -272,6 +272,10 @@ class EvalConfig:
     fid_extractor: FidExtractor = "auto"
     fid_weights: str | None = None
     fid_reference_count: PositiveInt | None = None
+    fid_reference_stats: str | None = None  # FID against this .npz (ours from fid-stats, or ADM's reference batch)
+    retrain_model: str | None = None  # forget_fid/forget_kid against this model's forgotten-class samples
+    store: str | None = None  # the sample store folder; None: beside --out (metrics.json → metrics.store)
+    shard_size: PositiveInt = 500  # images per store shard (one generation batch run per shard)
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     device: str = "auto"

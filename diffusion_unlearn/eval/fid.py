@@ -12,27 +12,33 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 import torch_fidelity
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.config import resolve_device
 from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier
-from diffusion_unlearn.fileio import UserError, file_hash, load_pickled_checkpoint
+from diffusion_unlearn.fileio import UserError, atomic_path, file_hash, load_pickled_checkpoint
 from diffusion_unlearn.grids import to_uint8
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 CLASSIFIER_EXTRACTOR = "diffusion-unlearn-classifier"
 CHUNK = 500  # images converted to uint8 at a time
+BATCH = 128  # images per feature-extractor batch (torch-fidelity's calculate_metrics uses the same)
+REFERENCE_FEATURES_FORMAT = "diffusion-unlearn-reference-features/1"
 LEGACY_PER_CLASS = 500  # the published CIFAR-10 reference: the first 500 train images of each class (§5.2)
 REFERENCE_SEED = 0  # which --fid-reference-count images: a uniform random subset, fixed by this seed
 FID_PROTOCOLS = {
@@ -185,6 +191,82 @@ def find_inception_weights(path: str | None) -> Path:
     return cached
 
 
+class FeatureExtractor:
+    """A torch-fidelity feature extractor for uint8 images: `pool` features (FID, KID, precision/recall) and
+    `logits` (IS); `id` names its weights in cache names and store records, `label` in metrics."""
+
+    def __init__(self, name: str, layers: tuple[str, str], weights: Path, extractor_id: str, label: str,
+                 device: str = "cpu"):
+        self.name, self.layers, self.weights, self.id, self.label = name, layers, weights, extractor_id, label
+        self.rgb = name == INCEPTION  # Inception reads three channels: one is repeated
+        self.cuda = torch.device(resolve_device(str(device))).type == "cuda"
+        self._net: FeatureExtractorBase | None = None
+
+    def extract_dataset(self, images: Dataset) -> dict[str, torch.Tensor]:
+        """{"pool": (N, D), "logits": (N, K)} of a dataset of uint8 (C, H, W) images, as torch-fidelity extracts them."""
+        if self._net is None:
+            self._net = create_feature_extractor(self.name, list(self.layers), cuda=self.cuda, verbose=False,
+                                                 feature_extractor_weights_path=str(self.weights))
+        feats = get_featuresdict_from_dataset(images, self._net, BATCH, self.cuda, True, False)
+        return {"pool": feats[self.layers[0]], "logits": feats[self.layers[1]]}
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of uint8 images (N, C, H, W)."""
+        return self.extract_dataset(UInt8Images(lambda idx: images[idx], len(images), self.rgb, lambda x: x))
+
+
+def extractor_for(extractor: Literal["inception"] | FAClassifier, inception_weights: str | None = None,
+                  device: str = "cpu") -> FeatureExtractor:
+    """torch-fidelity's Inception (pool3 and unbiased logits; weights from a local file) or an FA classifier's
+    penultimate features and logits."""
+    if extractor == "inception":
+        weights = find_inception_weights(inception_weights)
+        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
+        sha = file_hash(weights)
+        return FeatureExtractor(INCEPTION, ("2048", "logits_unbiased"), weights, f"{INCEPTION}-{sha[:16]}",
+                                f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})", device)
+    if isinstance(extractor, FAClassifier) and extractor.path is not None:
+        sha, arch = extractor.weights_sha256, extractor.meta["arch"]
+        return FeatureExtractor(CLASSIFIER_EXTRACTOR, ("penultimate", "logits"), extractor.path,
+                                f"{arch}-{sha[:16]}", f"{arch} penultimate (sha256 {sha[:12]})", device)
+    raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
+
+
+# ----------------------------------------------------------------------------- reference features
+
+
+def reference_features(reference: ImageDataset, extractor: FeatureExtractor, *, excluded_class: int | None,
+                       reference_count: int | None, cache_dir: str | Path, protocol: str = "standard"
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features {"pool", "logits"} of the reference images (as `compute_fid` selects and converts them) and what
+    they are. KID and precision/recall need the features themselves, so the features are cached (not only mu and
+    sigma), in `cache_dir` under `reference_cache_name` with their record; a file whose record differs is redone."""
+    keep = reference_indices(reference, excluded_class, reference_count, _per_class(protocol))
+    cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor.id, protocol)
+    record = {"format": REFERENCE_FEATURES_FORMAT, "cache_name": cache_name, "extractor": extractor.label,
+              "protocol": protocol, "count": len(keep),
+              "selection": reference_selection(reference, excluded_class, len(keep), protocol)}
+    path = Path(cache_dir) / f"{cache_name}.features.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = json.loads((f.metadata() or {}).get("record", "null"))
+            if stored == record:
+                return load_file(path), {**record, "cache": str(path)}
+        except (OSError, ValueError):  # a damaged cache file: computed again below
+            pass
+    convert = legacy_uint8 if protocol == "legacy" else to_uint8
+    features = extractor.extract_dataset(
+        UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), extractor.rgb, convert))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp), metadata={"record": json.dumps(record)})
+    return features, {**record, "cache": str(path)}
+
+
+# ----------------------------------------------------------------------------- FID
+
+
 # ----------------------------------------------------------------------------- FID
 
 
@@ -213,19 +295,8 @@ def compute_fid(
             f"{want[2]}) with N >= 2; generate at least 2 images at the dataset's resolution"
         )
     keep = reference_indices(reference, excluded_class, reference_count, _per_class(protocol))
-    if extractor == "inception":
-        weights = find_inception_weights(inception_weights)
-        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
-        sha = file_hash(weights)
-        name, layer, extractor_id = INCEPTION, "2048", f"{INCEPTION}-{sha[:16]}"
-        label = f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"
-    elif isinstance(extractor, FAClassifier) and extractor.path is not None:
-        weights, sha, arch = extractor.path, extractor.weights_sha256, extractor.meta["arch"]
-        name, layer, extractor_id = CLASSIFIER_EXTRACTOR, "penultimate", f"{arch}-{sha[:16]}"
-        label = f"{arch} penultimate (sha256 {sha[:12]})"
-    else:
-        raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
-    rgb = name == INCEPTION
+    fe = extractor_for(extractor, inception_weights, device)
+    name, layer, weights, extractor_id, label, rgb = fe.name, fe.layers[0], fe.weights, fe.id, fe.label, fe.rgb
     cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id, protocol)
     convert = legacy_uint8 if protocol == "legacy" else to_uint8
     if generated.dtype == torch.uint8 and protocol == "legacy":
