@@ -236,7 +236,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     from accelerate import PartialState
 
     started = time.perf_counter()
-    processes = PartialState()
+    processes = PartialState(cpu=resolve_device(cfg.device) == "cpu")  # under `accelerate launch`: its group
     check_writable_dir(Path(cfg.out).parent, "--out")
     if cfg.fid_weights:
         check_readable_file(cfg.fid_weights, "Inception weights", "pass --fid-weights FILE")
