@@ -165,7 +165,10 @@ def store_scores(stored: dict[str, torch.Tensor], clf: FAClassifier, forget_clas
     trusted = ({} if ood is None else
                forgetting_measures(clf, ood, _from_uint8(stored["images"][forget]), logits[forget], forget_class))
     features = lambda keep: {k: stored[f"features.{k}"][keep] for k in ("pool", "logits")}  # noqa: E731
-    retained = metric_set(features(~forget), reference, reference_statistics=reference_statistics)
+    generated = features(~forget)
+    if reference_statistics is not None:  # a file's float64 mu: torch-fidelity wants both mu of one dtype
+        generated["pool"] = generated["pool"].double()
+    retained = metric_set(generated, reference, reference_statistics=reference_statistics)
     forgotten = (metric_set({"pool": stored["features.pool"][forget]}, forget_reference)
                  if forget_reference is not None and forget.sum() >= 2 else {})
     return {"fa": metrics["fa"], **trusted, "retain_accuracy": metrics["retain_accuracy"], **retained,
