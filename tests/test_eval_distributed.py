@@ -28,7 +28,7 @@ FORGET = 3
 SMALL = ["--forget-class", str(FORGET), "--fa-samples", "6", "--retain-samples-per-class", "4", "--sampler", "ddim",
          "--steps", "2", "--shard-size", "5", "--device", "cpu"]
 PLANNED = 6 + 9 * 4  # images
-VARYING = {"store", "seconds", "num_processes"}  # keys that name the run, not its numbers
+VARYING = {"store", "seconds", "num_processes", "store_throughput"}  # keys that name the run, not its numbers
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,21 @@ def test_two_processes_make_the_same_images_and_metrics_as_one(one_process, tiny
     assert len(a) == len(b) == 9
     for x, y in zip(a, b):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_report_shows_forgetting_measures_per_class_accuracy_and_the_disagreement(tmp_path):
+    from diffusion_unlearn.eval.report import write_report
+
+    base = {"fa": 0.9, "fa_in_distribution": 0.85, "ood_rate": 0.0, "forget_fid": 5.0, "forget_kid": 0.01,
+            "per_class_accuracy": {"0": 0.9, "1": 1.0}}
+    unlearned = {**base, "fa": 0.6, "fa_in_distribution": 0.05, "ood_rate": 0.7, "forget_fid": 80.0,
+                 "per_class_accuracy": {"0": 0.6, "1": 0.95}, "forget_class_name": "0", "forget_class": 0,
+                 "sampler": "ddim", "steps": 2, "eta": 0.0, "guidance_scale": 3.0, "guidance_w": 2.0, "seed": 0,
+                 "fa_samples": 6, "retain_samples": 4, "fid_reference_count": 10, "fid_feature_extractor": "x",
+                 "forget_fid_reference": "146 real training images of the class (all)", "num_processes": 2}
+    text = write_report(tmp_path / "report.md", title="t", base=base, unlearned=unlearned,
+                        grid_before=tmp_path / "a.png", grid_after=tmp_path / "b.png", loss_png=tmp_path / "l.png",
+                        notes=[]).read_text()
+    assert "| forget-FID: forgotten-class samples vs the class's reference ↑ | 5.000 | 80.000 | 16.00 |" in text
+    assert "| 0 | 90.0 % | 60.0 % |" in text and "146 real training images" in text
+    assert "unlearned: FA and FA-in-distribution disagree" in text and "base: FA and" not in text

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from diffusion_unlearn.config import EvalConfig, SamplerConfig, protocol_deviations, resolve_device
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
-from diffusion_unlearn.eval.feature_metrics import metric_set
+from diffusion_unlearn.eval.feature_metrics import (METRIC_SETTINGS, fid_from_statistics, fid_statistics, kid,
+                                                    metric_set)
 from diffusion_unlearn.eval.fid import (FID_PROTOCOLS, FeatureExtractor, compute_fid, extractor_for,
                                         legacy_uint8, reference_features)
 from diffusion_unlearn.eval.metrics import classification_metrics
@@ -110,6 +111,7 @@ class ShardMaker:
         self.pipeline, self.sampler, self.clf, self.extractor = pipeline, sampler, clf, extractor
         self.fid_protocol = fid_protocol
         self._floats = torch.empty(0)
+        self.feature_seconds = 0.0  # spent in `features` by this process
 
     def generate(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         s = self.sampler
@@ -121,8 +123,11 @@ class ShardMaker:
         return to_uint8(self._floats)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
         fid_input = legacy_uint8(self._floats) if self.fid_protocol == "legacy" else images  # (n, C, H, W) uint8
-        return {"fa_logits": self.clf.logits(self._floats), **self.extractor.extract(fid_input)}
+        out = {"fa_logits": self.clf.logits(self._floats), **self.extractor.extract(fid_input)}
+        self.feature_seconds += time.perf_counter() - started
+        return out
 
 
 def store_record(denoiser: torch.nn.Module, sampler: SamplerConfig, clf: FAClassifier, extractor: FeatureExtractor,
@@ -132,17 +137,28 @@ def store_record(denoiser: torch.nn.Module, sampler: SamplerConfig, clf: FAClass
             "fa_classifier_sha256": clf.weights_sha256, "fid_extractor": extractor.id, "fid_protocol": fid_protocol}
 
 
-def fill_store(store: SampleStore, processes: Processes, maker: ShardMaker, desc: str) -> None:
+def fill_store(store: SampleStore, processes: Processes, maker: ShardMaker, desc: str) -> dict:
     """Make this process's shards; the main process shows one bar with the global count (finished shard files)
-    and images/s."""
+    and images/s. Returns the throughput of all processes together: images made this run per second of wall time
+    (sampling and features) and per second of the slowest process's feature extraction."""
     store.open(processes)
     done = lambda: sum(min(store.shard_size, len(store.plan) - s * store.shard_size)  # noqa: E731
                        for s in range(store.num_shards) if store.shard_path(s).is_file())
     bar = tqdm(total=len(store.plan), initial=done(), desc=desc, unit="img", disable=not processes.is_main_process)
-    store.fill(processes, maker.generate, maker.features, progress=lambda _n: bar.update(done() - bar.n))
+    started = time.perf_counter()
+    made = store.fill(processes, maker.generate, maker.features, progress=lambda _n: bar.update(done() - bar.n))
+    total, slowest = torch.tensor([float(made)]), torch.tensor([maker.feature_seconds])
+    if processes.num_processes > 1:  # the group is initialised under accelerate launch (gloo on the CPU)
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
     processes.wait_for_everyone()
+    seconds = time.perf_counter() - started
     bar.update(done() - bar.n)
     bar.close()
+    images = int(total.item())
+    return {"images_made": images, "seconds": seconds,
+            "images_per_second": images / seconds if images else None,
+            "features_per_second": images / slowest.item() if images and slowest.item() > 0 else None}
 
 
 # ----------------------------------------------------------------------------- scores
@@ -150,6 +166,11 @@ def fill_store(store: SampleStore, processes: Processes, maker: ShardMaker, desc
 
 def _from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255 * 2 - 1  # (N, C, H, W) in [-1, 1]
+
+
+def _enough(generated: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether both sets have more images than precision/recall's k neighbours (else only FID is computed)."""
+    return min(len(generated), len(reference)) > METRIC_SETTINGS["prc_neighborhood"]
 
 
 def store_scores(stored: dict[str, torch.Tensor], clf: FAClassifier, forget_class: int, *,
@@ -166,11 +187,15 @@ def store_scores(stored: dict[str, torch.Tensor], clf: FAClassifier, forget_clas
                forgetting_measures(clf, ood, _from_uint8(stored["images"][forget]), logits[forget], forget_class))
     features = lambda keep: {k: stored[f"features.{k}"][keep] for k in ("pool", "logits")}  # noqa: E731
     generated = features(~forget)
+    if reference is not None and not _enough(generated["pool"], reference["pool"]):  # FID alone
+        reference, reference_statistics = None, fid_statistics(reference["pool"])
     if reference_statistics is not None:  # a file's float64 mu: torch-fidelity wants both mu of one dtype
         generated["pool"] = generated["pool"].double()
     retained = metric_set(generated, reference, reference_statistics=reference_statistics)
-    forgotten = (metric_set({"pool": stored["features.pool"][forget]}, forget_reference)
-                 if forget_reference is not None and forget.sum() >= 2 else {})
+    forgotten = {}
+    if forget_reference is not None and _enough(stored["features.pool"][forget], forget_reference["pool"]):
+        pool, ref = stored["features.pool"][forget], forget_reference["pool"]  # (N_forget, D), (N_ref, D)
+        forgotten = {"fid": fid_from_statistics(fid_statistics(pool), fid_statistics(ref)), **kid(pool, ref)}
     return {"fa": metrics["fa"], **trusted, "retain_accuracy": metrics["retain_accuracy"], **retained,
             "forget_fid": forgotten.get("fid"), "forget_kid": forgotten.get("kid_mean"),
             "forget_kid_std": forgotten.get("kid_std"),
@@ -188,7 +213,8 @@ def store_metrics(cfg: EvalConfig, loaded: LoadedModel, dataset: ImageDataset, c
     plan = eval_plan(dataset.num_classes, cfg.forget_class, cfg.fa_samples, cfg.retain_samples_per_class)
     record = store_record(loaded.denoiser, cfg.sampler, clf, extractor, cfg.fid_protocol)
     store = SampleStore(store_dir, plan, record, cfg.shard_size)
-    fill_store(store, processes, ShardMaker(loaded.pipeline, cfg.sampler, clf, extractor, cfg.fid_protocol), "eval")
+    throughput = fill_store(store, processes, ShardMaker(loaded.pipeline, cfg.sampler, clf, extractor,
+                                                         cfg.fid_protocol), "eval")
     retrain_store = None
     if cfg.retrain_model:
         retrain = load_model_folder(cfg.retrain_model, device)
@@ -230,7 +256,7 @@ def store_metrics(cfg: EvalConfig, loaded: LoadedModel, dataset: ImageDataset, c
     return {**scores, "fid_feature_extractor": extractor.label, "fid_protocol": cfg.fid_protocol,
             "fid_protocol_description": FID_PROTOCOLS[cfg.fid_protocol], **fid_reference,
             "fid_generated_count": scores["retain_samples"], "forget_fid_reference": forget_about,
-            "store": str(store_dir), "num_processes": processes.num_processes}
+            "store": str(store_dir), "store_throughput": throughput, "num_processes": processes.num_processes}
 
 
 def evaluate(cfg: EvalConfig) -> dict | None:
