@@ -203,7 +203,7 @@ class FeatureExtractor:
         self._net: FeatureExtractorBase | None = None
 
     def extract_dataset(self, images: Dataset) -> dict[str, torch.Tensor]:
-        """{"pool": (N, D), "logits": (N, K)} of a dataset of uint8 (C, H, W) images, as torch-fidelity extracts them."""
+        """{"pool": (N, D), "logits": (N, K)} of a dataset of uint8 (C, H, W) images, as torch-fidelity reads them."""
         if self._net is None:
             self._net = create_feature_extractor(self.name, list(self.layers), cuda=self.cuda, verbose=False,
                                                  feature_extractor_weights_path=str(self.weights))
