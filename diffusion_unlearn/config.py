@@ -303,6 +303,10 @@ class EvalConfig:
     fid_extractor: FidExtractor = "auto"
     fid_weights: str | None = None
     fid_reference_count: PositiveInt | None = None
+    fid_reference_stats: str | None = None  # FID against this .npz (ours from fid-stats, or ADM's reference batch)
+    retrain_model: str | None = None  # forget_fid/forget_kid against this model's forgotten-class samples
+    store: str | None = None  # the sample store folder; None: beside --out (metrics.json → metrics.store)
+    shard_size: PositiveInt = 500  # images per store shard (one generation batch run per shard)
     cache_dir: str = DEFAULT_CACHE
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     device: str = "auto"
@@ -324,6 +328,7 @@ class FidStatsConfig:
     fid_extractor: FidExtractor = "auto"  # auto: the classifier for 1-channel data (digits), else Inception
     classifier: str = ""  # the FA classifier folder whose penultimate features the `classifier` extractor uses
     fid_weights: str | None = None  # Inception weights file (torch-fidelity's inception-v3-compat)
+    cache_dir: str = DEFAULT_CACHE  # the reference features are cached here, shared with `eval`
     out: str = "fid_stats.npz"
     device: str = "auto"
 

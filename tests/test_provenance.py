@@ -266,12 +266,9 @@ def test_eval_prints_its_metrics_when_out_cannot_be_written(tiny_model, tmp_path
         raise WriteError(f"cannot write {path}: Read-only file system; choose a folder you can write to")
 
     monkeypatch.setattr(evaluate_module, "write_json", read_only)
-    monkeypatch.setattr(evaluate_module, "sample_metrics", lambda *a, **k: {"fa": 0.25, "per_class_accuracy": {}})
+    monkeypatch.setattr(evaluate_module, "store_metrics", lambda *a, **k: {"fa": 0.25, "per_class_accuracy": {}})
     monkeypatch.setattr(evaluate_module, "load_classifier", lambda *a, **k: type("C", (), {"meta": {}})())
     monkeypatch.setattr(evaluate_module, "check_classifier_classes", lambda *a: None)
-    monkeypatch.setattr(evaluate_module, "find_inception_weights", lambda *a: None)
-    monkeypatch.setattr(evaluate_module, "calibration_for", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate_module, "calibration_sets", lambda *a, **k: ())
     from diffusion_unlearn.config import EvalConfig
 
     with pytest.raises(WriteError, match="printed to stdout"):

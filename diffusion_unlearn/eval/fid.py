@@ -12,27 +12,33 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 import torch_fidelity
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.config import resolve_device
 from diffusion_unlearn.eval.classifier import FAClassifier, load_classifier
-from diffusion_unlearn.fileio import UserError, file_hash, load_pickled_checkpoint
+from diffusion_unlearn.fileio import UserError, atomic_path, file_hash, load_pickled_checkpoint
 from diffusion_unlearn.grids import to_uint8
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 CLASSIFIER_EXTRACTOR = "diffusion-unlearn-classifier"
 CHUNK = 500  # images converted to uint8 at a time
+BATCH = 128  # images per feature-extractor batch (torch-fidelity's calculate_metrics uses the same)
+REFERENCE_FEATURES_FORMAT = "diffusion-unlearn-reference-features/1"
 LEGACY_PER_CLASS = 500  # the published CIFAR-10 reference: the first 500 train images of each class (§5.2)
 REFERENCE_SEED = 0  # which --fid-reference-count images: a uniform random subset, fixed by this seed
 FID_PROTOCOLS = {
@@ -104,6 +110,12 @@ def reference_indices(dataset: ImageDataset, excluded_class: int | None, count: 
     return keep[pick.sort().values]
 
 
+def reference_positions(dataset: ImageDataset, excluded_class: int | None, count: int | None,
+                        protocol: str) -> torch.Tensor:
+    """The positions of the FID reference images under `protocol` (what `eval` and `fid-stats` read)."""
+    return reference_indices(dataset, excluded_class, count, _per_class(protocol))
+
+
 def reference_selection(dataset: ImageDataset, excluded_class: int | None, count: int, protocol: str) -> str:
     """How the `count` reference images were chosen, in words (recorded beside the FID)."""
     pool = len(reference_indices(dataset, excluded_class, None, _per_class(protocol)))
@@ -113,7 +125,7 @@ def reference_selection(dataset: ImageDataset, excluded_class: int | None, count
 def reference_cache_name(dataset: ImageDataset, excluded_class: int | None, count: int, extractor_id: str,
                          protocol: str = "standard") -> str:
     """The name torch-fidelity caches the reference statistics under; it changes whenever they would."""
-    keep = reference_indices(dataset, excluded_class, count, _per_class(protocol))
+    keep = reference_positions(dataset, excluded_class, count, protocol)
     items = keep.numpy().tobytes() + dataset.targets[keep].numpy().tobytes()
     parts = [
         dataset.name,
@@ -185,6 +197,80 @@ def find_inception_weights(path: str | None) -> Path:
     return cached
 
 
+class FeatureExtractor:
+    """A torch-fidelity feature extractor for uint8 images: `pool` features (FID, KID, precision/recall) and
+    `logits` (IS); `id` names its weights in cache names and store records, `label` in metrics."""
+
+    def __init__(self, name: str, layers: tuple[str, str], weights: Path, sha256: str, extractor_id: str,
+                 label: str, device: str = "cpu"):
+        self.name, self.layers, self.weights, self.sha256 = name, layers, weights, sha256
+        self.id, self.label = extractor_id, label
+        self.rgb = name == INCEPTION  # Inception reads three channels: one is repeated
+        self.cuda = torch.device(resolve_device(str(device))).type == "cuda"
+        self._net: FeatureExtractorBase | None = None
+
+    def extract_dataset(self, images: Dataset) -> dict[str, torch.Tensor]:
+        """{"pool": (N, D), "logits": (N, K)} of a dataset of uint8 (C, H, W) images, as torch-fidelity reads them."""
+        if self._net is None:
+            self._net = create_feature_extractor(self.name, list(self.layers), cuda=self.cuda, verbose=False,
+                                                 feature_extractor_weights_path=str(self.weights))
+        feats = get_featuresdict_from_dataset(images, self._net, BATCH, self.cuda, True, False)
+        return {"pool": feats[self.layers[0]], "logits": feats[self.layers[1]]}
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of uint8 images (N, C, H, W)."""
+        return self.extract_dataset(UInt8Images(lambda idx: images[idx], len(images), self.rgb, lambda x: x))
+
+
+def extractor_for(extractor: Literal["inception"] | FAClassifier, inception_weights: str | None = None,
+                  device: str = "cpu") -> FeatureExtractor:
+    """torch-fidelity's Inception (pool3 and unbiased logits; weights from a local file) or an FA classifier's
+    penultimate features and logits."""
+    if extractor == "inception":
+        weights = find_inception_weights(inception_weights)
+        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
+        sha = file_hash(weights)
+        return FeatureExtractor(INCEPTION, ("2048", "logits_unbiased"), weights, sha, f"{INCEPTION}-{sha[:16]}",
+                                f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})", device)
+    if isinstance(extractor, FAClassifier) and extractor.path is not None:
+        sha, arch = extractor.weights_sha256, extractor.meta["arch"]
+        return FeatureExtractor(CLASSIFIER_EXTRACTOR, ("penultimate", "logits"), extractor.path, sha,
+                                f"{arch}-{sha[:16]}", f"{arch} penultimate (sha256 {sha[:12]})", device)
+    raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
+
+
+# ----------------------------------------------------------------------------- reference features
+
+
+def reference_features(reference: ImageDataset, extractor: FeatureExtractor, *, excluded_class: int | None,
+                       reference_count: int | None, cache_dir: str | Path, protocol: str = "standard"
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features {"pool", "logits"} of the reference images (as `compute_fid` selects and converts them) and what
+    they are. KID and precision/recall need the features themselves, so the features are cached (not only mu and
+    sigma), in `cache_dir` under `reference_cache_name` with their record; a file whose record differs is redone."""
+    keep = reference_positions(reference, excluded_class, reference_count, protocol)
+    cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor.id, protocol)
+    record = {"format": REFERENCE_FEATURES_FORMAT, "cache_name": cache_name, "extractor": extractor.label,
+              "protocol": protocol, "count": len(keep),
+              "selection": reference_selection(reference, excluded_class, len(keep), protocol)}
+    path = Path(cache_dir) / f"{cache_name}.features.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = json.loads((f.metadata() or {}).get("record", "null"))
+            if stored == record:
+                return load_file(path), {**record, "cache": str(path)}
+        except (OSError, ValueError):  # a damaged cache file: computed again below
+            pass
+    convert = legacy_uint8 if protocol == "legacy" else to_uint8
+    features = extractor.extract_dataset(
+        UInt8Images(lambda idx: reference.get_batch(keep[idx])[0], len(keep), extractor.rgb, convert))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp), metadata={"record": json.dumps(record)})
+    return features, {**record, "cache": str(path)}
+
+
 # ----------------------------------------------------------------------------- FID
 
 
@@ -212,20 +298,9 @@ def compute_fid(
             f"generated images {tuple(generated.shape)} do not fit {reference.name} (N, {want[0]}, {want[1]}, "
             f"{want[2]}) with N >= 2; generate at least 2 images at the dataset's resolution"
         )
-    keep = reference_indices(reference, excluded_class, reference_count, _per_class(protocol))
-    if extractor == "inception":
-        weights = find_inception_weights(inception_weights)
-        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
-        sha = file_hash(weights)
-        name, layer, extractor_id = INCEPTION, "2048", f"{INCEPTION}-{sha[:16]}"
-        label = f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"
-    elif isinstance(extractor, FAClassifier) and extractor.path is not None:
-        weights, sha, arch = extractor.path, extractor.weights_sha256, extractor.meta["arch"]
-        name, layer, extractor_id = CLASSIFIER_EXTRACTOR, "penultimate", f"{arch}-{sha[:16]}"
-        label = f"{arch} penultimate (sha256 {sha[:12]})"
-    else:
-        raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
-    rgb = name == INCEPTION
+    keep = reference_positions(reference, excluded_class, reference_count, protocol)
+    fe = extractor_for(extractor, inception_weights, device)
+    name, layer, weights, extractor_id, label, rgb = fe.name, fe.layers[0], fe.weights, fe.id, fe.label, fe.rgb
     cache_name = reference_cache_name(reference, excluded_class, len(keep), extractor_id, protocol)
     convert = legacy_uint8 if protocol == "legacy" else to_uint8
     if generated.dtype == torch.uint8 and protocol == "legacy":
@@ -256,42 +331,3 @@ def compute_fid(
         "fid_generated_count": len(generated),
         "fid_reference_cache": cache_name,
     }
-
-
-# ----------------------------------------------------------------------------- reference features (fid-stats)
-
-
-def extractor_spec(extractor: Literal["inception"] | FAClassifier, inception_weights: str | None = None) -> dict:
-    """What `compute_fid` extracts with: torch-fidelity's extractor `name`, FID `layer`, `weights` path, their
-    `sha256`, the `id` in reference cache names and a `label` in words."""
-    if extractor == "inception":
-        weights = find_inception_weights(inception_weights)
-        load_pickled_checkpoint(weights)  # torch-fidelity unpickles it unrestricted: check it is plain tensors
-        sha = file_hash(weights)
-        return {"name": INCEPTION, "layer": "2048", "weights": str(weights), "sha256": sha,
-                "id": f"{INCEPTION}-{sha[:16]}", "label": f"{INCEPTION} (torch-fidelity, sha256 {sha[:12]})"}
-    if isinstance(extractor, FAClassifier) and extractor.path is not None:
-        sha, arch = extractor.weights_sha256, extractor.meta["arch"]
-        return {"name": CLASSIFIER_EXTRACTOR, "layer": "penultimate", "weights": str(extractor.path), "sha256": sha,
-                "id": f"{arch}-{sha[:16]}", "label": f"{arch} penultimate (sha256 {sha[:12]})"}
-    raise UserError(f"unknown FID feature extractor {extractor!r}; pass 'inception' or a loaded FA classifier")
-
-
-def reference_positions(dataset: ImageDataset, excluded_class: int | None, count: int | None,
-                        protocol: str) -> torch.Tensor:
-    """The positions of the FID reference images `compute_fid` reads under `protocol`."""
-    return reference_indices(dataset, excluded_class, count, _per_class(protocol))
-
-
-def reference_features(dataset: ImageDataset, keep: torch.Tensor, spec: dict, protocol: str = "standard",
-                       device: str = "cpu", batch_size: int = 128) -> torch.Tensor:
-    """FID features (N, D) of `dataset`'s images at `keep`, converted and extracted as `compute_fid` reads its
-    reference (float32, torch-fidelity's extractor `spec` from `extractor_spec`)."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
-    cuda = torch.device(resolve_device(str(device))).type == "cuda"
-    convert = legacy_uint8 if protocol == "legacy" else to_uint8
-    images = UInt8Images(lambda idx: dataset.get_batch(keep[idx])[0], len(keep), spec["name"] == INCEPTION, convert)
-    extractor = create_feature_extractor(spec["name"], [spec["layer"]], cuda=cuda, verbose=False,
-                                         feature_extractor_weights_path=spec["weights"])
-    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, True, False)[spec["layer"]]

@@ -2,7 +2,7 @@
 `fid.py ref` and ADM's reference batches do).
 
 The reference images are chosen, converted and read exactly as `eval` reads its FID reference (eval/fid.py:
-`reference_positions`, `reference_features`), and mu/sigma are torch-fidelity's statistics of their features
+`reference_features`, whose feature cache `eval` shares), and mu/sigma are torch-fidelity's statistics of their features
 (`feature_metrics.fid_statistics`), so FID against the file equals `eval`'s FID. The `.npz`
 (`npz_files.write_reference_statistics`) holds `mu` (D,), `sigma` (D, D), `count` and a JSON `record`: the
 extractor and its weights hash, dataset, split, selection and protocol.
@@ -16,8 +16,7 @@ from diffusion_unlearn.config import FidStatsConfig, resolve_device
 from diffusion_unlearn.data import ImageDataset, load_dataset
 from diffusion_unlearn.eval.classifier import check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.feature_metrics import fid_statistics
-from diffusion_unlearn.eval.fid import (FID_PROTOCOLS, extractor_spec, reference_cache_name, reference_features,
-                                        reference_positions, reference_selection)
+from diffusion_unlearn.eval.fid import FID_PROTOCOLS, extractor_for, reference_features
 from diffusion_unlearn.eval.npz_files import write_reference_statistics
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.preflight import check_writable_dir
@@ -33,25 +32,25 @@ def fid_stats(cfg: FidStatsConfig) -> dict:
     if cfg.exclude_class is not None and not 0 <= cfg.exclude_class < dataset.num_classes:
         raise UserError(f"--exclude-class {cfg.exclude_class} is outside {dataset.name}'s classes "
                         f"0..{dataset.num_classes - 1}")
-    spec = extractor_spec(_extractor(cfg, dataset, device), cfg.fid_weights)
-    keep = reference_positions(dataset, cfg.exclude_class, cfg.count, cfg.fid_protocol)  # (N,)
-    features = reference_features(dataset, keep, spec, cfg.fid_protocol, device)  # (N, D)
-    stats = fid_statistics(features)
+    extractor = extractor_for(_extractor(cfg, dataset, device), cfg.fid_weights, device)
+    features, about = reference_features(dataset, extractor, excluded_class=cfg.exclude_class,
+                                         reference_count=cfg.count, cache_dir=cfg.cache_dir,
+                                         protocol=cfg.fid_protocol)
+    stats = fid_statistics(features["pool"])  # pool: (N, D)
+    count = about["count"]
     record = {
         "format": FORMAT,
-        "feature_extractor": spec["label"], "feature_extractor_id": spec["id"], "feature_layer": spec["layer"],
-        "weights_sha256": spec["sha256"],
+        "feature_extractor": extractor.label, "feature_extractor_id": extractor.id,
+        "feature_layer": extractor.layers[0], "weights_sha256": extractor.sha256,
         "dataset": dataset.name, "data_root": dataset.root, "split": dataset.split,
         "image_size": dataset.image_size, "transform": dataset.transform_id,
-        "excluded_class": cfg.exclude_class,
-        "selection": reference_selection(dataset, cfg.exclude_class, len(keep), cfg.fid_protocol),
+        "excluded_class": cfg.exclude_class, "selection": about["selection"],
         "fid_protocol": cfg.fid_protocol, "fid_protocol_description": FID_PROTOCOLS[cfg.fid_protocol],
-        # the name `eval` caches the same statistics under: it names the exact images (items hash)
-        "reference_cache_name": reference_cache_name(dataset, cfg.exclude_class, len(keep), spec["id"],
-                                                     cfg.fid_protocol),
+        # the name `eval` caches the same reference under: it names the exact images (items hash)
+        "reference_cache_name": about["cache_name"],
     }
-    write_reference_statistics(cfg.out, stats["mu"], stats["sigma"], len(keep), record)
-    return {**record, "count": len(keep), "out": str(cfg.out)}
+    write_reference_statistics(cfg.out, stats["mu"], stats["sigma"], count, record)
+    return {**record, "count": count, "out": str(cfg.out)}
 
 
 def _extractor(cfg: FidStatsConfig, dataset: ImageDataset, device: str):

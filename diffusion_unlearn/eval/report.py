@@ -42,14 +42,27 @@ def metrics_table(base: dict, unlearned: dict) -> str:
             ("FA in distribution (argmax and inside the class's real-image distribution) ↓", "fa_in_distribution",
              True),
             ("forgotten-class samples outside every class's distribution", "ood_rate", True),
+            ("forget-FID: forgotten-class samples vs the class's reference ↑", "forget_fid", False),
+            ("forget-KID: forgotten-class samples vs the class's reference ↑", "forget_kid", False),
             ("retained-class accuracy ↑", "retain_accuracy", True),
-            ("FID on retained classes ↓", "fid", False), ("mean p(forgotten class) ↓", "forget_mean_prob", False),
+            ("FID on retained classes ↓", "fid", False), ("KID on retained classes ↓", "kid_mean", False),
+            ("Inception Score on retained classes ↑", "is_mean", False),
+            ("precision on retained classes ↑", "precision", True), ("recall on retained classes ↑", "recall", True),
+            ("mean p(forgotten class) ↓", "forget_mean_prob", False),
             ("mean entropy on forgotten class", "forget_mean_entropy", False)]
     lines = ["| metric | base | unlearned | unlearned / base |", "|---|---|---|---|"]
     for label, key, pct in rows:
         b, u = base.get(key), unlearned.get(key)
         ratio = f"{u / b:.2f}" if b not in (None, 0) and u is not None else "–"
         lines.append(f"| {label} | {_fmt(b, pct)} | {_fmt(u, pct)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def per_class_table(base: dict, unlearned: dict) -> str:
+    """Classifier accuracy on each class's samples (the forgotten class's is its FA), grid rows in order."""
+    before, after = base.get("per_class_accuracy", {}), unlearned.get("per_class_accuracy", {})
+    lines = ["| class (grid row) | accuracy before | accuracy after |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(before.get(name), True)} | {_fmt(after.get(name), True)} |" for name in after]
     return "\n".join(lines)
 
 
@@ -88,10 +101,13 @@ def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, g
         f"{_fmt(unlearned.get('ood_false_reject_rate'), True)} on held-out real images "
         "(docs/forgetting-measures.md).", "",
         f"Protocol: {protocol}.", "",
+        f"forget-FID/KID reference: {unlearned.get('forget_fid_reference', '–')}; sFID: "
+        f"{unlearned.get('sfid_absent', '–')}; metrics made by {unlearned.get('num_processes', 1)} process(es).", "",
         *([report_section(stopping)] if stopping else []),
         "## Samples (one row per class)", "",
         f"| before | after |", "|---|---|",
         f"| ![before]({rel(grid_before)}) | ![after]({rel(grid_after)}) |", "",
+        per_class_table(base, unlearned), "",
         "## Losses", "", f"![losses]({rel(loss_png)})", "",
         *([f"- {n}" for n in notes]), "",
     ])
