@@ -396,10 +396,11 @@ def mask(cfg: MaskConfig) -> dict:
     Under `accelerate launch` the Fisher / saliency batches are split over the processes (each on its own GPU
     when on CUDA) and the mask is the one-process mask; the main process writes it."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    processes = PartialState()
-    several = processes.num_processes > 1 and cfg.device in ("auto", "cuda")
-    device = str(processes.device) if several else resolve_device(cfg.device)  # cuda:<local rank>, or the CPU
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True it runs ONE process
+    processes = PartialState(cpu=resolve_device(cfg.device) == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = str(processes.device) if processes.num_processes > 1 else resolve_device(cfg.device)  # cuda:<rank>
     loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, cfg.forget_class, device)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
     result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg.mask, cfg.kind, cfg.seed, processes)
