@@ -159,14 +159,17 @@ def gradient_saliency(backbone, dataset, *, batch_size: int, max_batches: int | 
 
 
 def timestep_summed_fisher(backbone, images: torch.Tensor, labels: torch.Tensor, *, timesteps: int, chunk: int,
-                           cfg_dropout: float = 0.0, seed: int = 0, desc: str = "SA Fisher") -> Mask:
+                           cfg_dropout: float = 0.0, seed: int = 0, desc: str = "SA Fisher",
+                           processes: Processes | None = None) -> Mask:
     """SA's Fisher diagonal (reference §2.3): F = (1/N) Σ_n (Σ_t ∇_θ ℓ(x_n, t, c_n; ε_{n,t}))², the gradient
     summed over the diffusion steps of one sample before squaring.
 
     The sum runs over `timesteps` evenly spaced steps of the T training steps (all of them when `timesteps` = T,
-    as the reference), scaled by T/`timesteps` so that a subset estimates the full sum. ε_{n,t} comes from a
-    generator seeded with `seed`; the steps of a sample go through the model `chunk` at a time, their gradients
-    accumulating between chunks. Model in eval mode; `cfg_dropout` is the reference's label dropout (§2.3).
+    as the reference), scaled by T/`timesteps` so that a subset estimates the full sum. ε_{n,·} (drawn on the CPU)
+    and the label dropout of sample n come from the global RNG seeded with `image_seed(seed, n)`, so the samples
+    can be split over `processes` (one when None) with the same F for any number (module docstring); the steps
+    of a sample go through the model `chunk` at a time, their gradients accumulating between chunks. Model in
+    eval mode; `cfg_dropout` is the reference's label dropout (§2.3).
     """
     total = backbone.schedule.num_steps
     if not 1 <= timesteps <= total or chunk < 1:
@@ -175,27 +178,31 @@ def timestep_summed_fisher(backbone, images: torch.Tensor, labels: torch.Tensor,
     params = backbone.named_parameters()
     tensors = list(params.values())
     steps = torch.linspace(0, total - 1, timesteps).round().long().to(images.device)  # (T',) distinct steps
-    generator = torch.Generator().manual_seed(seed)
-    fisher = [torch.zeros_like(p) for p in tensors]
     model = backbone.model
+
+    def gradient(n: int) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with _seeded(image_seed(seed, n), images.device):
+            # ε has the shape the model denoises: the images', or a latent DiT's latents
+            noise = torch.randn((timesteps, *backbone.sample_shape), dtype=images.dtype).to(images.device)
+            for s in range(0, timesteps, chunk):  # noise: (T', C, h, w)
+                t = steps[s:s + chunk]  # (c,)
+                x = images[n].expand(len(t), *images.shape[1:])  # (c, C, H, W)
+                loss = backbone.per_sample_loss(x, labels[n].expand(len(t)), t=t, noise=noise[s:s + chunk],
+                                                cfg_dropout=cfg_dropout)  # (c,)
+                (loss.sum() * (total / timesteps)).backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+
+    def update(fisher: torch.Tensor, g: torch.Tensor) -> None:
+        fisher.addcmul_(g, g, value=1.0 / len(images))
+
     was_training = model.training
     model.eval()
-    for n in tqdm(range(len(images)), desc=desc, leave=False):
-        # ε has the shape the model denoises: the images', or a latent DiT's latents
-        noise = torch.randn((timesteps, *backbone.sample_shape), generator=generator, dtype=images.dtype)
-        noise = noise.to(images.device)  # (T', C, h, w)
+    try:
+        return _sum_over_units(params, len(images), gradient, update, processes or OneProcess(), desc)
+    finally:
         model.zero_grad(set_to_none=True)
-        for s in range(0, timesteps, chunk):
-            t = steps[s:s + chunk]  # (c,)
-            x = images[n].expand(len(t), *images.shape[1:])  # (c, C, H, W)
-            loss = backbone.per_sample_loss(x, labels[n].expand(len(t)), t=t, noise=noise[s:s + chunk],
-                                            cfg_dropout=cfg_dropout)  # (c,)
-            (loss.sum() * (total / timesteps)).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / len(images))
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return dict(zip(params, fisher))
+        model.train(was_training)
 
 
 def ratio_mask(forget_fisher: Mask, retain_fisher: Mask, gamma: float) -> Mask:

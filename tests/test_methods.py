@@ -186,10 +186,10 @@ def test_timestep_summed_fisher_matches_a_direct_per_timestep_computation(backbo
     images, labels = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 3, 7])
     fisher = saliency.timestep_summed_fisher(backbone, images, labels, timesteps=5, chunk=2, seed=9)
     steps = [0, 250, 500, 749, 999]  # 5 evenly spaced of 1000 (749.25 rounds down)
-    generator = torch.Generator().manual_seed(9)
     direct = {n: torch.zeros_like(p) for n, p in backbone.named_parameters().items()}
-    for x, y in zip(images, labels):
-        noise = torch.randn((5, 1, 8, 8), generator=generator, dtype=torch.float64)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        torch.manual_seed(image_seed(9, i))  # sample i's noise: the global RNG seeded for it alone
+        noise = torch.randn((5, 1, 8, 8), dtype=torch.float64)
         summed = {n: torch.zeros_like(p) for n, p in direct.items()}
         for j, t in enumerate(steps):  # one step at a time, by hand
             backbone.denoiser.zero_grad()
