@@ -1,93 +1,175 @@
 """Fisher diagonals (SFRon §2.1.1, SA §2.3), saliency masks (SFRon's Fisher ratio, SalUn's top-k §2.2), mask files,
 gradient masking.
 
+Any number of processes, the same mask (`mask` under `accelerate launch`): the batches of the fixed shuffle are
+split, batch b to process b mod N, and their gradients are summed so that the sums, and the mask, are bitwise
+those of one process:
+- every batch's random draws (timesteps, noise, label dropout, a latent backbone's posterior sample) come from the
+  global RNG seeded for that batch alone with `image_seed(seed, b)` (restored afterwards), so a batch's gradient
+  depends neither on the process that computes it nor on the batches computed before;
+- the sums are made by gathering, not by reducing partial sums: each round, every process's batch gradient is
+  all-gathered in flat buckets (≤ BUCKET elements), and every process adds the round's gradients into flat
+  accumulators in batch order. The N-process sum is then the same float operations in the same order as the
+  one-process sum, which takes the same path (same buckets, same order) without the gather. We chose this over
+  float64 partial sums all-reduced: regrouped float64 sums still round differently, rarely but possibly by a
+  float32 ulp after the cast, and a mask compares every entry with a threshold. The cost is one all-gather of N
+  gradients a round (N/2 times what a DDP all-reduce moves) and N × BUCKET elements of temporaries.
+Equal gradients per batch need the same device kind and deterministic kernels on every process (on a GPU: no
+non-deterministic cuDNN algorithms; on the CPU: the same thread count).
+
 Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from diffusion_unlearn.eval.sample_store import OneProcess, Processes
 from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint, save_safetensors_atomic, strip_prefix
 from diffusion_unlearn.parameters import named_trainable_parameters
+from diffusion_unlearn.pipelines.pipeline_class_conditional import image_seed
 
 Mask = dict[str, torch.Tensor]  # parameter name → bool tensor of the parameter's shape
+Update = Callable[[torch.Tensor, torch.Tensor], None]  # (flat sum (S,), one unit's flat gradient (S,)) → in place
+
+BUCKET = 1 << 24  # elements of flattened gradients gathered at once: bounds the temporaries to N × 64 MB (fp32)
 
 
-def _batch_gradients(backbone, dataset, *, batch_size: int, max_batches: int | None, guidance_w: float | None,
-                     clip: float | None, seed: int, desc: str) -> tuple[Mask, int, Iterator[list[torch.Tensor]]]:
-    """(parameters, number of batches, gradients): ∇_θ of the batch-mean loss for each batch of a fixed shuffle of
-    `dataset`, the model in eval mode, each batch gradient clipped to global norm `clip` when given."""
+def _buckets(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Consecutive parameter indices in groups of one dtype and at most BUCKET elements (a larger one alone)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        if not groups or size + t.numel() > BUCKET or t.dtype != tensors[groups[-1][0]].dtype:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
+def _gathered(flat: torch.Tensor, processes: Processes) -> list[torch.Tensor]:
+    """Every process's `flat` (S,), in process order."""
+    if processes.num_processes == 1:
+        return [flat]
+    parts = [torch.empty_like(flat) for _ in range(processes.num_processes)]
+    dist.all_gather(parts, flat)
+    return parts
+
+
+def _sum_over_units(params: dict[str, torch.Tensor], count: int, gradient: Callable[[int], list[torch.Tensor]],
+                    update: Update, processes: Processes, desc: str) -> dict[str, torch.Tensor]:
+    """Σ over units u = 0 … count−1 of `gradient(u)` (one tensor per parameter), folded into zeros with `update`
+    in unit order on flat per-bucket sums; unit u computed by process u mod N, the gradients gathered (module
+    docstring). Every process returns the same sums, shaped as the parameters."""
+    tensors = list(params.values())
+    buckets = _buckets(tensors)
+    sums = [torch.zeros(sum(tensors[i].numel() for i in b), dtype=tensors[b[0]].dtype, device=tensors[b[0]].device)
+            for b in buckets]  # (S_k,) each
+    rank, size = processes.process_index, processes.num_processes
+    for start in tqdm(range(0, count, size), desc=desc, leave=False, disable=not processes.is_main_process):
+        grads = gradient(start + rank) if start + rank < count else None
+        for bucket, total in zip(buckets, sums):
+            flat = torch.cat([grads[i].reshape(-1) for i in bucket]) if grads else torch.zeros_like(total)  # (S_k,)
+            for part in _gathered(flat, processes)[:count - start]:  # unit start + j from process j
+                update(total, part)
+    out = {}
+    names = list(params)
+    for bucket in buckets:  # own tensors (a file cannot save views of one buffer); one bucket copied at a time
+        total, offset = sums.pop(0), 0
+        for i in bucket:
+            out[names[i]] = total[offset:offset + tensors[i].numel()].view(tensors[i].shape).clone()
+            offset += tensors[i].numel()
+    return out
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG (CPU, and `device` when CUDA) seeded with `seed` inside the block, restored after it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batch_gradient_sum(backbone, dataset, update: Callable[[int], Update], *, batch_size: int,
+                        max_batches: int | None, guidance_w: float | None, clip: float | None, seed: int, desc: str,
+                        processes: Processes | None) -> dict[str, torch.Tensor]:
+    """Σ over the batches of a fixed shuffle of `dataset` of ∇_θ of the batch-mean loss (model in eval mode, each
+    batch gradient clipped to global norm `clip` when given), folded with `update(number of batches)`; batch b's
+    draws seeded with `image_seed(seed, b)`, split over `processes` (module docstring)."""
     model = backbone.model
     params = named_trainable_parameters(model)
     tensors = list(params.values())
+    device = tensors[0].device
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,) a fixed shuffle
     batches = [order[s:s + batch_size] for s in range(0, len(dataset), batch_size)][: max_batches or None]
 
-    def gradients() -> Iterator[list[torch.Tensor]]:
-        was_training = model.training
-        model.eval()
-        device = tensors[0].device
-        try:
-            for idx in tqdm(batches, desc=desc, leave=False):
-                x, y = dataset.get_batch(idx)  # (B, C, H, W), (B,)
-                model.zero_grad(set_to_none=True)
-                backbone.per_sample_loss(x.to(device), y.to(device), guidance_w=guidance_w).mean().backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(tensors, clip)
-                yield [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
+    def gradient(b: int) -> list[torch.Tensor]:
+        x, y = dataset.get_batch(batches[b])  # (B, C, H, W), (B,)
+        model.zero_grad(set_to_none=True)
+        with _seeded(image_seed(seed, b), device):
+            backbone.per_sample_loss(x.to(device), y.to(device), guidance_w=guidance_w).mean().backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(tensors, clip)
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
 
-    return params, len(batches), gradients()
+    was_training = model.training
+    model.eval()
+    try:
+        return _sum_over_units(params, len(batches), gradient, update(len(batches)), processes or OneProcess(), desc)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
 
 
 def fisher_diagonal(backbone, dataset, *, batch_size: int, max_batches: int | None = None,
                     guidance_w: float | None = None, clip: float | None = None, seed: int = 0,
-                    desc: str = "fisher") -> Mask:
-    """F[i] = mean over batches of (∂L_batch/∂θ_i)², L_batch the batch mean of the per-sample loss.
+                    desc: str = "fisher", processes: Processes | None = None) -> Mask:
+    """F[i] = mean over batches of (∂L_batch/∂θ_i)², L_batch the batch mean of the per-sample loss; the batches
+    split over `processes` (one when None), the same F for any number (module docstring).
 
     Correct default: the conditional ε, no label dropout, no clipping, model in eval mode. The reference
     (§2.1.1) takes the loss on the guided output (`guidance_w=2`) and clips each batch gradient to norm 1
     (`clip=1.0`); the paper's γ = 3 was tuned on that variant, so its preset turns both on.
     """
-    params, n, gradients = _batch_gradients(backbone, dataset, batch_size=batch_size, max_batches=max_batches,
-                                            guidance_w=guidance_w, clip=clip, seed=seed, desc=desc)
-    fisher = [torch.zeros_like(p) for p in params.values()]
-    for grads in gradients:
-        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / n)
-    return dict(zip(params, fisher))
+    def update(n: int) -> Update:
+        return lambda total, g: total.addcmul_(g, g, value=1.0 / n)
+
+    return _batch_gradient_sum(backbone, dataset, update, batch_size=batch_size, max_batches=max_batches,
+                               guidance_w=guidance_w, clip=clip, seed=seed, desc=desc, processes=processes)
 
 
 def gradient_saliency(backbone, dataset, *, batch_size: int, max_batches: int | None = None,
                       guidance_w: float | None = None, clip: float | None = None, seed: int = 0,
-                      desc: str = "saliency") -> Mask:
+                      desc: str = "saliency", processes: Processes | None = None) -> Mask:
     """s[i] = |Σ_batches ∂L_batch/∂θ_i|: SalUn's saliency on the forget set (reference §2.2: the signed sum of
-    the batch gradients, then its magnitude). Quirks as `fisher_diagonal` (guided output, per-batch clip)."""
-    params, _, gradients = _batch_gradients(backbone, dataset, batch_size=batch_size, max_batches=max_batches,
-                                            guidance_w=guidance_w, clip=clip, seed=seed, desc=desc)
-    total = [torch.zeros_like(p) for p in params.values()]
-    for grads in gradients:
-        torch._foreach_add_(total, grads)
-    return {n: g.abs_() for n, g in zip(params, total)}
+    the batch gradients, then its magnitude). Quirks and `processes` as `fisher_diagonal`."""
+    total = _batch_gradient_sum(backbone, dataset, lambda n: torch.Tensor.add_, batch_size=batch_size,
+                                max_batches=max_batches, guidance_w=guidance_w, clip=clip, seed=seed, desc=desc,
+                                processes=processes)
+    return {n: g.abs_() for n, g in total.items()}
 
 
 def timestep_summed_fisher(backbone, images: torch.Tensor, labels: torch.Tensor, *, timesteps: int, chunk: int,
-                           cfg_dropout: float = 0.0, seed: int = 0, desc: str = "SA Fisher") -> Mask:
+                           cfg_dropout: float = 0.0, seed: int = 0, desc: str = "SA Fisher",
+                           processes: Processes | None = None) -> Mask:
     """SA's Fisher diagonal (reference §2.3): F = (1/N) Σ_n (Σ_t ∇_θ ℓ(x_n, t, c_n; ε_{n,t}))², the gradient
     summed over the diffusion steps of one sample before squaring.
 
     The sum runs over `timesteps` evenly spaced steps of the T training steps (all of them when `timesteps` = T,
-    as the reference), scaled by T/`timesteps` so that a subset estimates the full sum. ε_{n,t} comes from a
-    generator seeded with `seed`; the steps of a sample go through the model `chunk` at a time, their gradients
-    accumulating between chunks. Model in eval mode; `cfg_dropout` is the reference's label dropout (§2.3).
+    as the reference), scaled by T/`timesteps` so that a subset estimates the full sum. ε_{n,·} (drawn on the CPU)
+    and the label dropout of sample n come from the global RNG seeded with `image_seed(seed, n)`, so the samples
+    can be split over `processes` (one when None) with the same F for any number (module docstring); the steps
+    of a sample go through the model `chunk` at a time, their gradients accumulating between chunks. Model in
+    eval mode; `cfg_dropout` is the reference's label dropout (§2.3).
     """
     total = backbone.schedule.num_steps
     if not 1 <= timesteps <= total or chunk < 1:
@@ -96,27 +178,31 @@ def timestep_summed_fisher(backbone, images: torch.Tensor, labels: torch.Tensor,
     params = backbone.named_parameters()
     tensors = list(params.values())
     steps = torch.linspace(0, total - 1, timesteps).round().long().to(images.device)  # (T',) distinct steps
-    generator = torch.Generator().manual_seed(seed)
-    fisher = [torch.zeros_like(p) for p in tensors]
     model = backbone.model
+
+    def gradient(n: int) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with _seeded(image_seed(seed, n), images.device):
+            # ε has the shape the model denoises: the images', or a latent DiT's latents
+            noise = torch.randn((timesteps, *backbone.sample_shape), dtype=images.dtype).to(images.device)
+            for s in range(0, timesteps, chunk):  # noise: (T', C, h, w)
+                t = steps[s:s + chunk]  # (c,)
+                x = images[n].expand(len(t), *images.shape[1:])  # (c, C, H, W)
+                loss = backbone.per_sample_loss(x, labels[n].expand(len(t)), t=t, noise=noise[s:s + chunk],
+                                                cfg_dropout=cfg_dropout)  # (c,)
+                (loss.sum() * (total / timesteps)).backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+
+    def update(fisher: torch.Tensor, g: torch.Tensor) -> None:
+        fisher.addcmul_(g, g, value=1.0 / len(images))
+
     was_training = model.training
     model.eval()
-    for n in tqdm(range(len(images)), desc=desc, leave=False):
-        # ε has the shape the model denoises: the images', or a latent DiT's latents
-        noise = torch.randn((timesteps, *backbone.sample_shape), generator=generator, dtype=images.dtype)
-        noise = noise.to(images.device)  # (T', C, h, w)
+    try:
+        return _sum_over_units(params, len(images), gradient, update, processes or OneProcess(), desc)
+    finally:
         model.zero_grad(set_to_none=True)
-        for s in range(0, timesteps, chunk):
-            t = steps[s:s + chunk]  # (c,)
-            x = images[n].expand(len(t), *images.shape[1:])  # (c, C, H, W)
-            loss = backbone.per_sample_loss(x, labels[n].expand(len(t)), t=t, noise=noise[s:s + chunk],
-                                            cfg_dropout=cfg_dropout)  # (c,)
-            (loss.sum() * (total / timesteps)).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / len(images))
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return dict(zip(params, fisher))
+        model.train(was_training)
 
 
 def ratio_mask(forget_fisher: Mask, retain_fisher: Mask, gamma: float) -> Mask:
@@ -193,12 +279,15 @@ def topk_mask(scores: Mask, fraction: float) -> Mask:
     return mask
 
 
-def compute_mask(backbone, forget_set, retain_set, cfg, kind: str, seed: int) -> Mask:
+def compute_mask(backbone, forget_set, retain_set, cfg, kind: str, seed: int,
+                 processes: Processes | None = None) -> Mask:
     """The saliency mask of `kind` with the settings `cfg` (config.MaskSettings): SFRon's Fisher ratio
     (`fisher-ratio`, §2.1.1: forget and retain Fisher diagonals, then the ratio test) or SalUn's top-k gradient
-    saliency on the forget set (`topk`, §2.2)."""
+    saliency on the forget set (`topk`, §2.2). The batches are split over `processes` (one when None), the mask
+    the same for any number of them; `backbone.model` must not be DDP-wrapped (each process has its own batch)."""
     kw = dict(batch_size=cfg.fisher_batch_size, max_batches=cfg.fisher_max_batches, clip=cfg.fisher_clip,
-              guidance_w=cfg.fisher_guidance_w if cfg.fisher_on_guided_output else None, seed=seed)
+              guidance_w=cfg.fisher_guidance_w if cfg.fisher_on_guided_output else None, seed=seed,
+              processes=processes)
     if kind == "topk":
         return topk_mask(gradient_saliency(backbone, forget_set, desc="saliency (forget set)", **kw),
                          cfg.topk_fraction)

@@ -429,11 +429,20 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
 
 
 def mask(cfg: MaskConfig) -> dict:
-    """The `mask` subcommand: SFRon's Fisher-ratio or SalUn's top-k mask, reusable with `forget --mask FILE`."""
-    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, cfg.forget_class,
-                                          resolve_device(cfg.device))
-    torch.manual_seed(cfg.seed)
+    """The `mask` subcommand: SFRon's Fisher-ratio or SalUn's top-k mask, reusable with `forget --mask FILE`.
+    Under `accelerate launch` the Fisher / saliency batches are split over the processes (each on its own GPU
+    when on CUDA) and the mask is the one-process mask; the main process writes it."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True it runs ONE process
+    processes = PartialState(cpu=resolve_device(cfg.device) == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = str(processes.device) if processes.num_processes > 1 else resolve_device(cfg.device)  # cuda:<rank>
+    loaded, dataset = load_model_and_data(cfg.model, cfg.dataset, cfg.data_root, cfg.forget_class, device)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
-    result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg.mask, cfg.kind, cfg.seed)
-    save_mask(cfg.out, result, {**mask_description(cfg.mask, cfg.kind, cfg.forget_class), "model": str(cfg.model)})
-    return {"out": cfg.out, "density": mask_density(result)}
+    result = compute_mask(loaded.backbone(), forget_set, retain_set, cfg.mask, cfg.kind, cfg.seed, processes)
+    if processes.is_main_process:
+        made = mask_description(cfg.mask, cfg.kind, cfg.forget_class)
+        save_mask(cfg.out, result, {**made, "model": str(cfg.model), "num_processes": processes.num_processes})
+    processes.wait_for_everyone()
+    return {"out": cfg.out, "density": mask_density(result), "num_processes": processes.num_processes}

@@ -23,7 +23,7 @@ from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_mod
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec, SplitAdam
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.pipelines.pipeline_class_conditional import predict_eps
+from diffusion_unlearn.pipelines.pipeline_class_conditional import image_seed, predict_eps
 from diffusion_unlearn.saliency import gradient_saliency, load_mask, mask_metadata, topk_mask, topk_threshold
 from diffusion_unlearn.unlearn import Unlearner, forget, mask, optimizer_spec
 
@@ -78,12 +78,12 @@ def test_salun_mask_is_topk_of_the_summed_gradient_on_a_model(backbone):
     data = load_dataset("digits").with_classes([3])
     torch.manual_seed(1)
     scores = gradient_saliency(backbone, data, batch_size=32, max_batches=2, seed=4)
-    # direct: the same shuffle and noise, |Σ_batches ∇ mean loss|
-    torch.manual_seed(1)
+    # direct: the same shuffle and noise (batch b's draws seeded with image_seed(seed, b)), |Σ_batches ∇ mean loss|
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(4))
     total = {n: torch.zeros_like(p) for n, p in backbone.named_parameters().items()}
-    for idx in (order[:32], order[32:64]):
+    for b, idx in enumerate((order[:32], order[32:64])):
         backbone.denoiser.zero_grad()
+        torch.manual_seed(image_seed(4, b))
         backbone.per_sample_loss(*data.get_batch(idx)).mean().backward()
         total = {n: total[n] + g for n, g in _grads(backbone).items()}
     assert all(torch.allclose(scores[n], total[n].abs(), atol=1e-6) for n in total)
@@ -186,10 +186,10 @@ def test_timestep_summed_fisher_matches_a_direct_per_timestep_computation(backbo
     images, labels = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 3, 7])
     fisher = saliency.timestep_summed_fisher(backbone, images, labels, timesteps=5, chunk=2, seed=9)
     steps = [0, 250, 500, 749, 999]  # 5 evenly spaced of 1000 (749.25 rounds down)
-    generator = torch.Generator().manual_seed(9)
     direct = {n: torch.zeros_like(p) for n, p in backbone.named_parameters().items()}
-    for x, y in zip(images, labels):
-        noise = torch.randn((5, 1, 8, 8), generator=generator, dtype=torch.float64)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        torch.manual_seed(image_seed(9, i))  # sample i's noise: the global RNG seeded for it alone
+        noise = torch.randn((5, 1, 8, 8), dtype=torch.float64)
         summed = {n: torch.zeros_like(p) for n, p in direct.items()}
         for j, t in enumerate(steps):  # one step at a time, by hand
             backbone.denoiser.zero_grad()
