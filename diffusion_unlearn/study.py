@@ -38,6 +38,7 @@ from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, Pr
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
+from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets
 from diffusion_unlearn.eval.fid import find_inception_weights
 from diffusion_unlearn.eval.study_report import write_study_outputs
 from diffusion_unlearn.fileio import UserError, append_jsonl, read_json, write_json
@@ -165,6 +166,7 @@ class Evaluator:
     cfg: StudyConfig
     dataset: ImageDataset
     classifier: FAClassifier
+    ood: OODCalibration | None = None  # the classifier's in-distribution test (fa_in_distribution, ood_rate)
 
     def __call__(self, pipeline: Pipeline, forget_class: int, curve: bool = False) -> dict:
         cfg = self.cfg
@@ -174,14 +176,16 @@ class Evaluator:
                                 fid_extractor=fid_extractor_kind(cfg, self.dataset.channels),
                                 reference_count=cfg.fid_reference_count, cache_dir=cfg.cache_dir,
                                 inception_weights=cfg.fid_weights, device=resolve_device(cfg.device),
-                                fid_protocol=cfg.fid_protocol, progress=False)
-        return {k: scores[k] for k in ("fa", "retain_accuracy", "fid", "forget_mean_prob", "fid_reference_count",
-                                       "fid_feature_extractor")}
+                                fid_protocol=cfg.fid_protocol, ood=self.ood, progress=False)
+        return {k: scores.get(k) for k in ("fa", "fa_in_distribution", "ood_rate", "retain_accuracy", "fid",
+                                           "forget_fid", "forget_mean_prob", "fid_reference_count",
+                                           "fid_feature_extractor")}
 
 
 def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evaluator:
     resolved = replace(cfg, sampler=resolve_sampler(cfg.sampler, backbone, "eval", resolve_device(cfg.device)))
-    return Evaluator(resolved, dataset, load_classifier(cfg.classifier, resolve_device(cfg.device)))
+    classifier = load_classifier(cfg.classifier, resolve_device(cfg.device))
+    return Evaluator(resolved, dataset, classifier, calibration_for(classifier, *calibration_sets(classifier, dataset)))
 
 
 def study_record(cfg: StudyConfig, kind: str, **extra) -> Provenance:

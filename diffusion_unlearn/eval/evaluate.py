@@ -28,8 +28,7 @@ from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.feature_metrics import (METRIC_SETTINGS, fid_from_statistics, fid_statistics, kid,
                                                     metric_set)
-from diffusion_unlearn.eval.fid import (FID_PROTOCOLS, FeatureExtractor, compute_fid, extractor_for,
-                                        legacy_uint8, reference_features)
+from diffusion_unlearn.eval.fid import FID_PROTOCOLS, FeatureExtractor, extractor_for, legacy_uint8, reference_features
 from diffusion_unlearn.eval.metrics import classification_metrics
 from diffusion_unlearn.eval.npz_files import read_reference_statistics
 from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, forgetting_measures
@@ -37,7 +36,7 @@ from diffusion_unlearn.eval.sample_store import Processes, SamplePlan, SampleSto
 from diffusion_unlearn.fileio import UserError, WriteError, write_json
 from diffusion_unlearn.grids import to_uint8
 from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
-from diffusion_unlearn.pipelines.sampling import Pipeline, generate
+from diffusion_unlearn.pipelines.sampling import Pipeline
 from diffusion_unlearn.preflight import check_readable_file, check_writable_dir
 from diffusion_unlearn.provenance import settings_of, weights_fingerprint
 from diffusion_unlearn.sampler_defaults import resolve_sampler
@@ -59,31 +58,21 @@ def sample_metrics(pipeline: Pipeline, dataset: ImageDataset, clf: FAClassifier,
                    retain_per_class: int, sampler: SamplerConfig, *, fid_extractor: str, cache_dir: str,
                    reference_count: int | None = None, inception_weights: str | None = None, device: str = "cpu",
                    fid_protocol: str = "standard", ood: OODCalibration | None = None, progress: bool = True) -> dict:
-    """Sample `fa_samples` images of the forgotten class and `retain_per_class` of each other class from the
-    pipeline's current weights; FA, retained accuracy (classifier) and FID of the retained samples against
-    `dataset`'s retained-class images; with an `ood` calibration also `fa_in_distribution` and `ood_rate`
-    (eval/ood.py)."""
-    retained = [c for c in range(dataset.num_classes) if c != forget_class]
-    forget_images, forget_labels, _ = generate(pipeline, [forget_class], fa_samples, sampler, progress)
-    logits, labels, kept = [clf.logits(forget_images)], [forget_labels], []
-    trusted = {} if ood is None else forgetting_measures(clf, ood, forget_images, logits[0], forget_class)
-    per_chunk = max(1, SAMPLES_PER_CHUNK // max(1, retain_per_class))  # classes sampled at a time
-    for start in range(0, len(retained), per_chunk):  # per-index seeds: chunking changes no sample
-        images, chunk_labels, _ = generate(pipeline, retained[start:start + per_chunk], retain_per_class, sampler,
-                                           progress)  # (n, C, H, W) in [-1, 1], (n,)
-        logits.append(clf.logits(images))
-        labels.append(chunk_labels)
-        kept.append(images if fid_protocol == "legacy" else to_uint8(images))  # 4× smaller than float32
-    metrics = classification_metrics(torch.cat(logits), torch.cat(labels), forget_class)
-    retain_images = torch.cat(kept)  # (N_retain, C, H, W)
-    fid = compute_fid(retain_images, dataset.with_classes(retained),
-                      extractor=clf if fid_extractor == "classifier" else "inception", excluded_class=forget_class,
-                      reference_count=reference_count, cache_dir=cache_dir, inception_weights=inception_weights,
-                      device=device, protocol=fid_protocol)
-    return {"fa": metrics["fa"], **trusted, "retain_accuracy": metrics["retain_accuracy"], **fid,
-            "forget_mean_prob": metrics["forget_mean_prob"], "forget_mean_entropy": metrics["forget_mean_entropy"],
-            "per_class_accuracy": metrics["per_class_accuracy"], "fa_samples": metrics["n_forget"],
-            "retain_samples": metrics["n_retain"]}
+    """`eval`'s scores of the pipeline's current weights, in memory and in one process (the study's cells and
+    curves, forget's probes): the same plan, the same per-shard generation and features (`ShardMaker`) and the same
+    scoring (`store_scores`) as a sample store, `SAMPLES_PER_CHUNK` images at a time, without writing shards."""
+    extractor = extractor_for("inception" if fid_extractor == "inception" else clf, inception_weights, device)
+    maker = ShardMaker(pipeline, sampler, clf, extractor, fid_protocol)
+    plan = eval_plan(dataset.num_classes, forget_class, fa_samples, retain_per_class)
+    parts = []
+    for start in tqdm(range(0, len(plan), SAMPLES_PER_CHUNK), desc="eval", disable=not progress, leave=False):
+        labels, indices = plan.labels[start:start + SAMPLES_PER_CHUNK], plan.indices[start:start + SAMPLES_PER_CHUNK]
+        images = maker.generate(labels, indices)  # (n, C, H, W) uint8
+        parts.append({"images": images, "labels": labels,
+                      **{f"features.{k}": v for k, v in maker.features(images).items()}})
+    stored = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    return score_stored(stored, dataset, clf, extractor, forget_class, ood=ood, cache_dir=cache_dir,
+                        reference_count=reference_count, fid_protocol=fid_protocol)
 
 
 # ----------------------------------------------------------------------------- the sample store
@@ -228,35 +217,49 @@ def store_metrics(cfg: EvalConfig, loaded: LoadedModel, dataset: ImageDataset, c
                    ShardMaker(retrain.pipeline, cfg.sampler, clf, extractor, cfg.fid_protocol), "eval retrain")
     if not processes.is_main_process:
         return None
-    ood = calibration_for(clf, *calibration_sets(clf, dataset))
-    retained = [c for c in range(dataset.num_classes) if c != cfg.forget_class]
-    common = dict(cache_dir=cfg.cache_dir, protocol=cfg.fid_protocol)
     stored = store.read()
-    if cfg.fid_reference_stats:
-        stats, about = read_reference_statistics(cfg.fid_reference_stats, dim=stored["features.pool"].shape[1])
-        reference, fid_reference = None, {"fid_reference_stats": about, "fid_reference_count": about["count"],
-                                          "fid_reference_selection": f"statistics from {about['path']}"}
-    else:
-        stats = None
-        reference, about = reference_features(dataset.with_classes(retained), extractor,
-                                              excluded_class=cfg.forget_class,
-                                              reference_count=cfg.fid_reference_count, **common)
-        fid_reference = {"fid_reference_count": about["count"], "fid_reference_selection": about["selection"],
-                         "fid_reference_cache": about["cache_name"]}
+    forget_reference = forget_about = None
     if retrain_store is not None:
         forget_reference = {k.removeprefix("features."): v for k, v in retrain_store.read().items()
                             if k.startswith("features.")}
         forget_about = f"{cfg.fa_samples} samples of the class from --retrain-model {cfg.retrain_model}"
+    scores = score_stored(stored, dataset, clf, extractor, cfg.forget_class,
+                          ood=calibration_for(clf, *calibration_sets(clf, dataset)), cache_dir=cfg.cache_dir,
+                          reference_count=cfg.fid_reference_count, fid_protocol=cfg.fid_protocol,
+                          reference_stats_file=cfg.fid_reference_stats, forget_reference=forget_reference,
+                          forget_about=forget_about)
+    return {**scores, "store": str(store_dir), "store_throughput": throughput,
+            "num_processes": processes.num_processes}
+
+
+def score_stored(stored: dict[str, torch.Tensor], dataset: ImageDataset, clf: FAClassifier,
+                 extractor: FeatureExtractor, forget_class: int, *, ood: OODCalibration | None, cache_dir: str,
+                 reference_count: int | None, fid_protocol: str, reference_stats_file: str | None = None,
+                 forget_reference: dict | None = None, forget_about: str | None = None) -> dict:
+    """`store_scores` of stored images and features against their references: the retained classes' real images
+    (features cached under their provenance), or a reference-statistics file (FID only); for `forget_fid` the
+    forgotten class's real images unless `forget_reference` features (a retrain model's samples) are given."""
+    retained = [c for c in range(dataset.num_classes) if c != forget_class]
+    common = dict(cache_dir=cache_dir, protocol=fid_protocol)
+    if reference_stats_file:
+        stats, about = read_reference_statistics(reference_stats_file, dim=stored["features.pool"].shape[1])
+        reference, fid_reference = None, {"fid_reference_stats": about, "fid_reference_count": about["count"],
+                                          "fid_reference_selection": f"statistics from {about['path']}"}
     else:
-        forget_reference, about = reference_features(dataset.with_classes([cfg.forget_class]), extractor,
+        stats = None
+        reference, about = reference_features(dataset.with_classes(retained), extractor, excluded_class=forget_class,
+                                              reference_count=reference_count, **common)
+        fid_reference = {"fid_reference_count": about["count"], "fid_reference_selection": about["selection"],
+                         "fid_reference_cache": about["cache_name"]}
+    if forget_reference is None:
+        forget_reference, about = reference_features(dataset.with_classes([forget_class]), extractor,
                                                      excluded_class=None, reference_count=None, **common)
         forget_about = f"{about['count']} real training images of the class ({about['selection']})"
-    scores = store_scores(stored, clf, cfg.forget_class, ood=ood, reference=reference, reference_statistics=stats,
+    scores = store_scores(stored, clf, forget_class, ood=ood, reference=reference, reference_statistics=stats,
                           forget_reference=forget_reference)
-    return {**scores, "fid_feature_extractor": extractor.label, "fid_protocol": cfg.fid_protocol,
-            "fid_protocol_description": FID_PROTOCOLS[cfg.fid_protocol], **fid_reference,
-            "fid_generated_count": scores["retain_samples"], "forget_fid_reference": forget_about,
-            "store": str(store_dir), "store_throughput": throughput, "num_processes": processes.num_processes}
+    return {**scores, "fid_feature_extractor": extractor.label, "fid_protocol": fid_protocol,
+            "fid_protocol_description": FID_PROTOCOLS[fid_protocol], **fid_reference,
+            "fid_generated_count": scores["retain_samples"], "forget_fid_reference": forget_about}
 
 
 def evaluate(cfg: EvalConfig) -> dict | None:
