@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .fileio import UserError, file_hash
+from .global_batch import BatchKey, keyed_generator
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
@@ -277,35 +278,57 @@ def forget_retain_split(ds: ImageDataset, forget_class: int) -> tuple[ImageDatas
 
 
 class BatchStream:
-    """Endless shuffled mini-batches of exactly `batch_size` items; `state_dict` resumes it bitwise.
+    """Endless shuffled GLOBAL batches of exactly `batch_size` items, of which process `rank` of `world` takes the
+    contiguous rows [rank·B/world, (rank+1)·B/world); `state_dict` (the batch counter) resumes it bitwise under any
+    process count.
 
-    A batch that crosses an epoch end continues in the next epoch's permutation. With `hflip`, each image
-    is flipped horizontally with probability 1/2, drawn from the stream's own generator and passed to the
-    dataset's `get_batch` (a latent moment set picks its flipped image's encoding, `latents.LatentMoments`).
+    Batch n holds positions n·B … (n+1)·B − 1 of the epochs' permutations laid end to end (a batch that crosses an
+    epoch end continues in the next epoch's permutation); epoch e's permutation comes from a generator keyed by
+    (seed, name, e). With `hflip`, each image is flipped with probability 1/2, drawn per sample from the batch's
+    key and passed to the dataset's `get_batch` (a latent moment set picks its flipped image's encoding,
+    `latents.LatentMoments`). `key` is the last batch's `BatchKey`: compute its loss inside
+    `global_batch.keyed(stream.key)` and every other per-sample draw is keyed too.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, hflip: bool = False) -> None:
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, hflip: bool = False, *,
+                 name: str = "batches", rank: int = 0, world: int = 1) -> None:
         if len(dataset) == 0:
             raise UserError(f"no images to draw batches from in {dataset.name} ({dataset.split}); "
                             "check the data folder and the classes kept")
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}; pass --batch-size N")
-        self.dataset, self.batch_size, self.hflip = dataset, batch_size, hflip
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.position = 0, 0
-        self.perm = torch.randperm(len(dataset), generator=self.generator)  # (N,)
+        if batch_size % world:
+            raise UserError(f"batch size {batch_size} does not split into {world} equal slices, one per process; "
+                            f"pass a batch size that {world} divides")
+        self.dataset, self.batch_size, self.hflip, self.seed, self.name = dataset, batch_size, hflip, seed, name
+        self.lo, self.hi, self.world = rank * batch_size // world, (rank + 1) * batch_size // world, world
+        self.batches = 0  # batches drawn so far
+        self.key: BatchKey | None = None  # the last batch's
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next item comes from."""
+        return self.batches * self.batch_size // len(self.dataset)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(len(self.dataset),  # (N,)
+                                                 generator=keyed_generator(self.seed, self.name, "epoch", epoch))}
+        return self._perms[epoch]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts, need = [], self.batch_size
-        while need:
-            take = min(need, len(self.perm) - self.position)
-            parts.append(self.perm[self.position:self.position + take])
-            self.position, need = self.position + take, need - take
-            if self.position == len(self.perm):
-                self.epoch, self.position = self.epoch + 1, 0
-                self.perm = torch.randperm(len(self.perm), generator=self.generator)
-        flip = torch.rand(self.batch_size, generator=self.generator) < 0.5 if self.hflip else None  # (B,)
-        return self.dataset.get_batch(torch.cat(parts), flip)  # (B, C, H, W), (B,)
+        """This process's rows of the next global batch: images (B/world, C, H, W) and labels (B/world,)."""
+        n, start = len(self.dataset), self.batches * self.batch_size
+        self.key = BatchKey(self.seed, self.name, self.batches, self.batch_size, self.lo, self.hi, self.world)
+        positions = torch.arange(start + self.lo, start + self.hi)  # (b,) places in the epochs laid end to end
+        items = torch.cat([self._permutation(int(e))[positions[positions // n == e] % n]
+                           for e in torch.unique(positions // n)])  # (b,) dataset indices, in batch order
+        flip = None
+        if self.hflip:
+            flip = (torch.rand(self.batch_size, generator=self.key.generator("flip")) < 0.5)[self.lo:self.hi]  # (b,)
+        self.batches += 1
+        return self.dataset.get_batch(items, flip)  # (b, C, H, W), (b,)
 
     __next__ = next
 
@@ -313,12 +336,10 @@ class BatchStream:
         return self
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch, "position": self.position,
-                "perm": self.perm.clone()}
+        return {"batches": self.batches, "items": len(self.dataset)}
 
     def load_state_dict(self, d: dict) -> None:
-        if len(d["perm"]) != len(self.dataset):
-            raise UserError(f"the saved batch stream covers {len(d['perm'])} images but this dataset has "
+        if d["items"] != len(self.dataset):
+            raise UserError(f"the saved batch stream covers {d['items']} images but this dataset has "
                             f"{len(self.dataset)}; resume with the same data settings")
-        self.generator.set_state(d["generator"])
-        self.epoch, self.position, self.perm = d["epoch"], d["position"], d["perm"].clone()
+        self.batches = d["batches"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion_unlearn import global_batch
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -45,6 +47,12 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_alphas
 
 
 def antithetic_timesteps(batch: int, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw B//2+1 uniform steps, append T−1−t for each, keep the first B (reference §1.2)."""
-    t = torch.randint(0, num_steps, (batch // 2 + 1,), device=device)  # (B//2+1,)
-    return torch.cat([t, num_steps - 1 - t])[:batch]  # (B,)
+    """Draw B//2+1 uniform steps, append T−1−t for each, keep the first B (reference §1.2). Inside a keyed batch
+    (global_batch.py) the vector is drawn for the GLOBAL batch, so the pairs span processes, and sliced."""
+    def pairs(generator: torch.Generator | None, n: int) -> torch.Tensor:
+        t = torch.randint(0, num_steps, (n // 2 + 1,), generator=generator,
+                          device="cpu" if generator is not None else device)  # (n//2+1,)
+        return torch.cat([t, num_steps - 1 - t])[:n]  # (n,)
+
+    keyed = global_batch.draw("timesteps", batch, pairs)
+    return pairs(None, batch) if keyed is None else keyed.to(device)  # (B,)

@@ -2,6 +2,9 @@
 
 A pixel-space DDPM U-Net, or a latent DiT (reference §4.1): its frozen VAE is loaded (`--vae`) or trained on
 the same images first (vae.py), and the DiT trains on the VAE's posterior moments, cached once (latents.py).
+Under `accelerate launch` it trains on N processes (DDP) with the same result: the global batch `batch_size` is split
+into equal slices and every per-sample draw is keyed by (seed, batch, global sample index) (global_batch.py); only
+the main process writes.
 
 Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
@@ -13,10 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from diffusers import AutoencoderKL
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.config import PretrainConfig, config_to_dict, resolve_device
 from diffusion_unlearn.data import BatchStream, ImageDataset, load_dataset
 from diffusion_unlearn.ema import EMA
@@ -44,9 +49,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """
     out = Path(cfg.out)
     record = training_record(cfg)
+    device = resolve_device(cfg.device)
+    accelerator = Accelerator(cpu=device == "cpu")
     if cfg.restart:
-        for name in (STATE_FILE, TRAINING_FILE):
-            (out / name).unlink(missing_ok=True)
+        if accelerator.is_main_process:
+            for name in (STATE_FILE, TRAINING_FILE):
+                (out / name).unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
     if (out / STATE_FILE).is_file():
         check_reuse(state_record(out / STATE_FILE), record, out / STATE_FILE, check_version=True)
     elif (out / TRAINING_FILE).is_file():
@@ -54,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         check_reuse(finished_record(summary), record, out / TRAINING_FILE)
         return summary
     check_writable_dir(out, "--out")
-    device = resolve_device(cfg.device)
+    device = str(accelerator.device)  # this process's device under DDP
     dataset = load_dataset(cfg.dataset, cfg.data_root, "train")
     k = dataset.num_classes
     if cfg.exclude_class is not None:
@@ -70,13 +79,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     unet = kind.build_denoiser(cfg.backbone, cfg.model_preset, channels=dataset.channels,
                                image_size=dataset.image_size, num_classes=k, vae=vae).to(device)
-    backbone = kind.from_parts(unet, vae)
+    global_batch.key_dropout(unet)
+    backbone = kind.from_parts(unet, vae, model=accelerator.prepare_model(unet))
     data = (cached_moments(vae, dataset, hflip=cfg.hflip, cache_dir=Path(cfg.cache_dir) / CACHE_SUBDIR)
             if cfg.latent_cache and kind.supports_latent_cache else dataset)
     params = trainable_parameters(unet)
     opt = OptimizerSpec(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay).build(params)
     ema = EMA(unet, cfg.ema_rate, warmup=cfg.ema_warmup)
-    stream = BatchStream(data, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    stream = BatchStream(data, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip, name="pretrain",
+                         rank=accelerator.process_index, world=accelerator.num_processes)
     start, losses = 0, []
     if resuming:
         state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
@@ -84,9 +95,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         opt.load_state_dict(state["optim"])
         ema.load_state_dict(state["ema"])
         stream.load_state_dict(state["stream"])
-        torch.set_rng_state(state["rng"])
         start, losses = state["iteration"], state["losses"]
-        print(f"pretrain: resuming {out} from iteration {start} of {cfg.iterations} ({STATE_FILE})", file=sys.stderr)
+        if accelerator.is_main_process:
+            print(f"pretrain: resuming {out} from iteration {start} of {cfg.iterations} ({STATE_FILE})",
+                  file=sys.stderr)
 
     meta = ModelMeta(class_names=dataset.class_names, weights=cfg.save_weights, backbone=kind.name, dataset=cfg.dataset,
                      excluded_classes=[] if cfg.exclude_class is None else [cfg.exclude_class],
@@ -96,6 +108,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                                           "vae_scaling_factor": vae.config.scaling_factor})}])
 
     def checkpoint(iteration: int, final: bool) -> None:
+        """The model folder (and, unless final, the resume state: no RNG state, the draws are keyed), written by
+        the main process."""
+        if not accelerator.is_main_process:
+            return
         weights = ema.weights() if cfg.save_weights == "ema" else None
         raw = {k: v.detach().clone() for k, v in unet.state_dict().items()} if weights else None  # buffers too
         if weights:
@@ -103,7 +119,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         state = None if final else {"provenance": record.to_dict(), "iteration": iteration,
                                     "model": raw or unet.state_dict(),
                                     "optim": opt.state_dict(), "ema": ema.state_dict(),
-                                    "stream": stream.state_dict(), "rng": torch.get_rng_state(), "losses": losses}
+                                    "stream": stream.state_dict(), "losses": losses}
         save_model_folder(out, unet, meta, vae=vae, extra=None if state is None else {STATE_FILE: state})
         if raw:
             unet.load_state_dict(raw)
@@ -112,17 +128,22 @@ def pretrain(cfg: PretrainConfig) -> dict:
         checkpoint(0, final=False)  # the VAE is kept from now on: a resumed run trains on the same latents
     unet.train()
     started = time.perf_counter()
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="pretrain")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="pretrain",
+               disable=not accelerator.is_main_process)
     for it in bar:
-        x, y = stream.next()
-        loss = backbone.per_sample_loss(x.to(device), y.to(device), cfg_dropout=cfg.cfg_dropout).mean()
+        x, y = stream.next()  # this process's slice of the global batch
+        with global_batch.keyed(stream.key):
+            loss = backbone.per_sample_loss(x.to(device), y.to(device), cfg_dropout=cfg.cfg_dropout).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the slices' gradients: the global batch's mean
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         ema.update()
         if (it + 1) % 50 == 0:
-            losses.append([it + 1, loss.item()])
+            value = loss.detach().double()
+            if accelerator.num_processes > 1:
+                value = accelerator.reduce(value, "mean")
+            losses.append([it + 1, value.item()])
             bar.set_postfix(loss=f"{losses[-1][1]:.2f}")
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             checkpoint(it + 1, final=False)
@@ -130,7 +151,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds_this_run": time.perf_counter() - started,
                "final_loss": losses[-1][1] if losses else None, "losses": losses, "config": config_to_dict(cfg),
                "provenance": record.to_dict()}
-    write_json(out / TRAINING_FILE, summary)
+    if accelerator.is_main_process:
+        write_json(out / TRAINING_FILE, summary)
     return summary
 
 

@@ -3,9 +3,11 @@
 Per outer iteration k: α_k; T_f forget steps (mask → clip → forget optimizer); T_r retain steps (clip →
 retain optimizer); one EMA update. `joint` instead takes one step on ℓ_R + α_k·ℓ_F. The method (methods/)
 supplies the losses and declares its mask and its preparation; a method without a forget loss (FT) takes
-retain steps only. The loop runs under
-accelerate, saves a resumable state every `checkpoint_every` iterations, and stops on a non-finite loss
-keeping the last good state.
+retain steps only. The loop runs under accelerate on any number of processes (DDP) with the same result: the
+global batch `batch_size` is split into equal slices, every per-sample draw is keyed by (seed, stream, batch,
+global sample index) (global_batch.py), the losses are means over the global batch, and the mask, optimizers and
+EMA are the same on every process. It saves a resumable state (no RNG state: the streams' batch counters) every
+`checkpoint_every` iterations, from the main process, and stops on a non-finite loss keeping the last good state.
 
 Section numbers (§x.y) cite docs/reference-differences.md, which follows the published code section by section.
 """
@@ -21,6 +23,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.config import ForgetConfig, MaskConfig, config_to_dict, resolve_device, write_config_yaml
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.ema import EMA
@@ -171,23 +174,22 @@ class Unlearner:
                                mode=cfg.optim, masks=None if grad_mask is None else grad_mask.factors)
         self.params = trainable_parameters(denoiser)
         self.ema = EMA(denoiser, cfg.ema_rate)
-        rank = accelerator.process_index
-        self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed * 1000 + 2 * rank,
-                                         hflip=cfg.hflip)
-        self.retain_stream = BatchStream(retain_set, cfg.retain_batch_size or cfg.batch_size,
-                                         seed=cfg.seed * 1000 + 2 * rank + 1, hflip=cfg.hflip)
+        global_batch.key_dropout(denoiser)
+        share = {"rank": accelerator.process_index, "world": accelerator.num_processes}
+        self.forget_stream = BatchStream(forget_set, cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip, name="forget",
+                                         **share)
+        self.retain_stream = BatchStream(retain_set, cfg.retain_batch_size or cfg.batch_size, seed=cfg.seed,
+                                         hflip=cfg.hflip, name="retain", **share)
         self.iteration = 0
         self.saved_iteration: int | None = None  # iterations done in the last state written (or resumed from)
 
     # -- state
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """Everything the loop mutates; the same under any process count (the draws are keyed, no RNG state)."""
         return {"provenance": self.record.to_dict(), "iteration": self.iteration,
                 "model": self.backbone.denoiser.state_dict(),
-                "optim": self.optim.state_dict(), "ema": self.ema.state_dict(), "rng": rng,
+                "optim": self.optim.state_dict(), "ema": self.ema.state_dict(),
                 "forget_stream": self.forget_stream.state_dict(), "retain_stream": self.retain_stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,18 +199,25 @@ class Unlearner:
         self.ema.load_state_dict(state["ema"])
         self.forget_stream.load_state_dict(state["forget_stream"])
         self.retain_stream.load_state_dict(state["retain_stream"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     # -- steps
 
-    def _batch(self, stream: BatchStream) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, stream: BatchStream, loss: Callable[[Backbone, torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """`loss(backbone, x, y)` on this process's slice of the stream's next global batch, its draws keyed."""
         x, y = stream.next()
-        return x.to(self.accelerator.device), y.to(self.accelerator.device)
+        with global_batch.keyed(stream.key):
+            return loss(self.backbone, x.to(self.accelerator.device), y.to(self.accelerator.device))
+
+    def _global_value(self, loss: torch.Tensor) -> float:
+        """A loss over the global batch: the mean of the processes' shares (equal slices)."""
+        value = loss.detach().double()
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value, "mean")
+        return value.item()
 
     def _backward(self, loss: torch.Tensor, phase: str, *, mask: bool, clip: bool) -> dict:
-        value = loss.item()
+        value = self._global_value(loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{phase} loss became {value} at iteration {self.iteration}; "
                                      f"{self.saved_note()}; lower the learning rates or α and rerun with --restart "
@@ -234,26 +243,22 @@ class Unlearner:
         forgets = self.method.forget_loss is not None
         if cfg.schedule == "alternate":
             for _ in range(cfg.forget_steps if forgets else 0):
-                x, y = self._batch(self.forget_stream)
-                loss = alpha * self.method.forget_loss(self.backbone, x, y)
+                loss = alpha * self._loss(self.forget_stream, self.method.forget_loss)
                 record |= self._backward(loss, "forget", mask=True, clip=True)
                 self.optim.forget_step()
                 callback and callback(k, "forget")
             for _ in range(cfg.retain_steps):
-                x, y = self._batch(self.retain_stream)
-                loss = self.method.retain_loss(self.backbone, x, y)
+                loss = self._loss(self.retain_stream, self.method.retain_loss)
                 record |= self._backward(loss, "retain", mask=self.method.mask_retain, clip=cfg.clip_retain)
                 self.optim.retain_step()
                 callback and callback(k, "retain")
         else:  # joint: one step on ℓ_R + α_k ℓ_F with the retain optimizer; the mask is applied (§7.2 fixed)
             weighted = []
             if forgets:
-                xf, yf = self._batch(self.forget_stream)
-                forget = self.method.forget_loss(self.backbone, xf, yf)
-                record |= {"forget_loss": forget.item()}
+                forget = self._loss(self.forget_stream, self.method.forget_loss)
+                record |= {"forget_loss": self._global_value(forget)}
                 weighted.append(alpha * forget)
-            xr, yr = self._batch(self.retain_stream)
-            retain = self.method.retain_loss(self.backbone, xr, yr)
+            retain = self._loss(self.retain_stream, self.method.retain_loss)
             record |= self._backward(retain + sum(weighted), "joint", mask=True, clip=True)
             self.optim.retain_step()
             callback and callback(k, "joint")
@@ -336,8 +341,11 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     check_forget_options(cfg)
     check_output_folder(out, model_dir)
     paths = OutputPaths(out)
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     if cfg.restart:
-        discard_run(paths)
+        if accelerator.is_main_process:
+            discard_run(paths)
+        accelerator.wait_for_everyone()
     if paths.model.exists() and not paths.state.exists():
         raise UserError(f"{out} already holds a finished run; choose another --out, or pass --restart to discard it")
     check_run_folder(paths, cfg)
@@ -345,7 +353,6 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     check_writable_dir(out, "--out")
     if model_dir.is_dir():
         check_disk_for(out, model_dir, CHECKPOINT_COPIES)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision=cfg.mixed_precision)
     loaded, dataset = load_model_and_data(model_dir, cfg.dataset, cfg.data_root, cfg.forget_class,
                                           accelerator.device)
     stop_measure = probe_measure(cfg, loaded, dataset, accelerator.device) if cfg.until_forgotten else None
@@ -356,6 +363,9 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     grid_classes = parse_classes(cfg.grid_classes, loaded.meta.num_classes)
     if cfg.gradient_checkpointing and not getattr(loaded.denoiser, "_supports_gradient_checkpointing", False):
         raise UserError(f"{type(loaded.denoiser).__name__} does not support --gradient-checkpointing; drop the flag")
+    if cfg.gradient_checkpointing and global_batch.has_dropout(loaded.denoiser):
+        raise UserError(f"{type(loaded.denoiser).__name__} has dropout, whose keyed masks a recomputed forward "
+                        "would draw anew; drop --gradient-checkpointing")
     mask = load_mask(cfg.mask.file, loaded.denoiser) if cfg.mask.file else None
     made_mask = mask_record(cfg)
     forget_set, retain_set = forget_retain_split(dataset, cfg.forget_class)
@@ -377,12 +387,13 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
         mask = load_mask(paths.mask, unet)
     elif mask is None and method.mask_kind is not None:
         mask = compute_mask(backbone, forget_set, retain_set, cfg.mask, method.mask_kind, cfg.seed)
-    if mask is not None and not paths.mask.exists():
+    if mask is not None and not paths.mask.exists() and accelerator.is_main_process:
         made = {"kind": "file", "forget_class": cfg.forget_class} if cfg.mask.file else \
             mask_description(cfg.mask, method.mask_kind, cfg.forget_class)
         save_mask(paths.mask, mask, {**made, "source": str(cfg.mask.file or "computed"),
                                      "provenance": made_mask.to_dict()})
-    write_config_yaml(replace(cfg, restart=False), paths.config)  # passed back with --config, it resumes
+    if accelerator.is_main_process:
+        write_config_yaml(replace(cfg, restart=False), paths.config)  # passed back with --config, it resumes
     names = loaded.meta.class_names
     grid = lambda title: class_grid(loaded.pipeline, names, grid_classes, cfg.grid_per_class,  # noqa: E731
                                     cfg.sampler, title)
@@ -395,14 +406,16 @@ def forget(cfg: ForgetConfig, callback: StepCallback | None = None, probe: Probe
     stopper = None if stop_measure is None else until_forgotten(cfg, lambda: stop_measure(loaded.pipeline))
     if resuming:
         unlearner.load_state_dict(torch.load(paths.state, map_location="cpu", weights_only=True))
-        _truncate_log(paths.log, unlearner.iteration)
-        if stopper is not None:  # the probes and decisions of the iterations kept
-            stopper.replay(_log_records(paths.log))
         if accelerator.is_main_process:
+            _truncate_log(paths.log, unlearner.iteration)
             print(f"forget: resuming {out} from iteration {unlearner.iteration} of {cfg.planned_iterations} "
                   "(state.pt)", file=sys.stderr)
-    elif paths.log.exists():
+        accelerator.wait_for_everyone()  # the log holds only the iterations kept
+        if stopper is not None:  # the probes and decisions of the iterations kept
+            stopper.replay(_log_records(paths.log))
+    elif paths.log.exists() and accelerator.is_main_process:
         paths.log.unlink()
+    accelerator.wait_for_everyone()  # every process has read state.pt before the main one rewrites it
     started = time.perf_counter()
     measure = (lambda: probe.measure(loaded.pipeline)) if probe is not None else None
     unlearner.run(paths, callback, measure, probe.every if probe is not None else 0, stopper)

@@ -277,12 +277,29 @@ def test_batchstream_resume_bitwise(hflip):
         a.next()
     state = a.state_dict()
     expected = [a.next() for _ in range(5)]
-    b = BatchStream(ds, batch_size=16, seed=99, hflip=hflip)
+    b = BatchStream(ds, batch_size=16, seed=3, hflip=hflip)
     b.load_state_dict(pickle.loads(pickle.dumps(state)))
     for xe, ye in expected:
         x, y = b.next()
         assert torch.equal(x, xe) and torch.equal(y, ye)
-    fresh = BatchStream(ds, batch_size=16, seed=99, hflip=hflip)
+    fresh = BatchStream(ds, batch_size=16, seed=3, hflip=hflip)
     assert not torch.equal(fresh.next()[0], expected[0][0])  # the state, not the seed, made them equal
     with pytest.raises(UserError):
         BatchStream(ds.subset(torch.arange(10)), batch_size=4, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_batchstream_slices_of_the_global_batch_do_not_depend_on_the_process_count(hflip):
+    """Process r of N takes rows [rB/N, (r+1)B/N) of the same global batch, flips included, and its key names
+    the global batch; a batch that N does not divide is refused."""
+    ds = _indexed(23)
+    whole = BatchStream(ds, batch_size=8, seed=5, hflip=hflip)
+    halves = [BatchStream(ds, batch_size=8, seed=5, hflip=hflip, rank=r, world=2) for r in range(2)]
+    for _ in range(7):  # crosses epoch ends
+        x, y = whole.next()
+        parts = [h.next() for h in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert (halves[1].key.lo, halves[1].key.hi, halves[1].key.size) == (4, 8, 8)
+        assert halves[1].key.batch == whole.key.batch
+    with pytest.raises(UserError, match="equal slices"):
+        BatchStream(ds, batch_size=7, seed=0, world=2)

@@ -2,6 +2,7 @@
 Fisher against a direct per-timestep computation, partial decoupling against torch's Adam, and every method with
 every optimizer setup end to end on a tiny model."""
 
+import dataclasses
 import json
 import typing
 
@@ -10,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from diffusion_unlearn import saliency
+from diffusion_unlearn import global_batch, saliency
 from diffusion_unlearn.cli import main
 from diffusion_unlearn.config import CONFIG_DIR, ForgetConfig, MaskConfig, SamplerConfig, build_config, load_yaml
 from diffusion_unlearn.data import forget_retain_split, load_dataset
@@ -302,11 +303,11 @@ class _FirstForgetStep:
                 params = backbone.named_parameters()
                 self.labels, self.params = y.clone(), params
                 self.before = {n: p.detach().clone() for n, p in params.items()}
-                rng = torch.get_rng_state()
-                grads = torch.autograd.grad(original(method, backbone, x, y), list(params.values()),
-                                            allow_unused=True)
+                key = global_batch.active()  # the same keyed draws as the loss the loop computes next
+                with global_batch.keyed(dataclasses.replace(key, draws_made=dict(key.draws_made))):
+                    grads = torch.autograd.grad(original(method, backbone, x, y), list(params.values()),
+                                                allow_unused=True)
                 self.grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
-                torch.set_rng_state(rng)
             return original(method, backbone, x, y)
 
         monkeypatch.setattr(method_class, "forget_loss", wrapped)

@@ -105,7 +105,7 @@ def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, g
         f"{unlearned.get('sfid_absent', '–')}; metrics made by {unlearned.get('num_processes', 1)} process(es).", "",
         *([report_section(stopping)] if stopping else []),
         "## Samples (one row per class)", "",
-        f"| before | after |", "|---|---|",
+        "| before | after |", "|---|---|",
         f"| ![before]({rel(grid_before)}) | ![after]({rel(grid_after)}) |", "",
         per_class_table(base, unlearned), "",
         "## Losses", "", f"![losses]({rel(loss_png)})", "",

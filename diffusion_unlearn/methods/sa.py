@@ -24,6 +24,7 @@ import torch
 from pydantic import PositiveInt
 from safetensors.torch import load_file
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.fileio import UserError, save_safetensors_atomic
@@ -139,7 +140,7 @@ class SelectiveAmnesia(Method):
 
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ_F = mean_i ℓ(x̃_i, c_f), x̃ ~ U[−1, 1]^{C×H×W} drawn afresh each step; `x` gives only the shape."""
-        surrogate = torch.rand_like(x) * 2 - 1  # (B, C, H, W)
+        surrogate = global_batch.rand_like(x, "surrogate") * 2 - 1  # (B, C, H, W)
         return backbone.per_sample_loss(surrogate, y, cfg_dropout=self.forget_dropout).mean()
 
     def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

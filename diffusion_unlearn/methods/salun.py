@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.methods.base import Method
 
 
@@ -27,7 +28,7 @@ def pseudo_labels(labels: torch.Tensor, num_classes: int, rule: str) -> torch.Te
     """c' ≠ c: (c+1) mod K (`next`, the reference's, §2.2) or uniform over the other K−1 classes (`random`)."""
     if rule == "next":
         return (labels + 1) % num_classes
-    offset = torch.randint(1, num_classes, labels.shape, device=labels.device)  # (B,) in 1..K−1
+    offset = global_batch.randint(1, num_classes, labels.shape[0], "pseudo_labels", labels.device)  # (B,) 1..K−1
     return (labels + offset) % num_classes
 
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.methods.base import Method
 
 
 def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
-    """w_i = ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}, detached; computed as 1/(ℓ^λ + 1e-8) like the reference."""
-    inv = 1.0 / (losses.detach() ** lam + 1e-8)  # (B,)
-    return inv / inv.sum()
+    """w_i = ℓ_i^{−λ} / Σ_j ℓ_j^{−λ}, detached; computed as 1/(ℓ^λ + 1e-8) like the reference. Inside a keyed
+    batch (global_batch.py) j runs over the GLOBAL batch: this process's rows of the whole batch's weights."""
+    inv = 1.0 / (losses.detach() ** lam + 1e-8)  # (B_local,)
+    return inv / global_batch.gather(inv).sum()  # (B_local,)
 
 
 @dataclass
@@ -34,4 +36,4 @@ class SFRon(Method):
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ_F = −Σ_i w_i ℓ_i (the loop multiplies by α_k)."""
         losses = backbone.per_sample_loss(x, y, cfg_dropout=self.forget_dropout)  # (B,)
-        return -(adaptive_weights(losses, self.adaptive_lambda) * losses).sum()
+        return -global_batch.sum_share(adaptive_weights(losses, self.adaptive_lambda) * losses)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.diffusion import NoiseSchedule, antithetic_timesteps
 from diffusion_unlearn.models.factory import build_unet, check_unet_preset
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
@@ -27,10 +28,11 @@ from diffusion_unlearn.pipelines.sampling import generate
 
 
 def drop_labels(labels: torch.Tensor, prob: float, null_class: int) -> torch.Tensor:
-    """CFG label dropout: each label becomes the null class with probability `prob`."""
+    """CFG label dropout: each label becomes the null class with probability `prob` (a keyed draw per sample inside
+    a keyed batch, global_batch.py)."""
     if prob <= 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device) < prob  # (B,)
+    drop = global_batch.rand_like(labels.float(), "label_drop") < prob  # (B,)
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
@@ -113,7 +115,7 @@ class DDPMBackbone:
         if t is None:
             t = antithetic_timesteps(x0.shape[0], self.schedule.num_steps, x0.device)  # (B,)
         if noise is None:
-            noise = torch.randn_like(x0)  # (B, C, H, W)
+            noise = global_batch.randn_like(x0, "noise")  # (B, C, H, W)
         return self.schedule.q_sample(x0, t, noise), t, noise
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *, cfg_dropout: float = 0.0,

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from diffusion_unlearn import global_batch
 from diffusion_unlearn.fileio import UserError
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
 from diffusion_unlearn.models.factory import build_dit, dit_spec
@@ -27,6 +28,16 @@ from diffusion_unlearn.pipelines.pipeline_dit import (FID_GUIDANCE_SCALE, GRID_G
                                                       dit_training_scheduler)
 from diffusion_unlearn.pipelines.sampling import generate
 from diffusion_unlearn.vae import latent_side
+
+
+def posterior_sample(dist: DiagonalGaussianDistribution) -> torch.Tensor:
+    """mean + std·ε (B, C, h, w), ε a keyed draw per sample inside a keyed batch (global_batch.py), else the
+    distribution's own `sample()` (the global RNG)."""
+    eps = global_batch.draw("posterior", dist.mean.shape[0],
+                            lambda g, n: torch.randn((n, *dist.mean.shape[1:]), generator=g))
+    if eps is None:
+        return dist.sample()
+    return dist.mean + dist.std * eps.to(dist.mean.device, dist.parameters.dtype)
 
 
 @register_backbone
@@ -127,8 +138,8 @@ class LatentDiTBackbone:
             raise UserError("this DiT backbone has no VAE: it cannot encode images")
         sf = self.vae.config.scaling_factor
         if tuple(x0.shape[1:]) == (2 * c, h, w):
-            return DiagonalGaussianDistribution(x0.float()).sample() * sf  # (B, C, h, w)
-        z = self.vae.encode(x0.to(self.vae.dtype)).latent_dist.sample().float() * sf  # (B, C, h, w)
+            return posterior_sample(DiagonalGaussianDistribution(x0.float())) * sf  # (B, C, h, w)
+        z = posterior_sample(self.vae.encode(x0.to(self.vae.dtype)).latent_dist).float() * sf  # (B, C, h, w)
         if tuple(z.shape[1:]) != (c, h, w):
             raise UserError(f"the VAE encodes {tuple(x0.shape[1:])} images to {tuple(z.shape[1:])} latents, "
                             f"the DiT takes {(c, h, w)}")
@@ -143,9 +154,9 @@ class LatentDiTBackbone:
     def _noised_latents(self, z0: torch.Tensor, t: torch.Tensor | None, noise: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if t is None:
-            t = torch.randint(0, self.schedule.num_steps, (z0.shape[0],), device=z0.device)  # (B,)
+            t = global_batch.randint(0, self.schedule.num_steps, z0.shape[0], "timesteps", z0.device)  # (B,)
         if noise is None:
-            noise = torch.randn_like(z0)  # (B, C, h, w)
+            noise = global_batch.randn_like(z0, "noise")  # (B, C, h, w)
         return self.schedule.q_sample(z0, t, noise), t, noise
 
     def output(self, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, *, cfg_dropout: float = 0.0,
