@@ -166,8 +166,8 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:
             return t.flatten(2).transpose(1, 2)[:, None]  # (B, 1, HW, C)
 
-        # softmax(q kᵀ / √C) v as the reference's two bmm, in torch's fused attention kernel (equal within
-        # float rounding; no (HW × HW) weight matrix kept for the backward pass where a flash kernel runs)
+        # softmax(q kᵀ / √C) v, the reference's two bmm, in torch's fused attention kernel (equal within float
+        # rounding; where torch picks its flash kernel, no (HW × HW) weight matrix is materialised)
         h_ = F.scaled_dot_product_attention(tokens(self.q(h_)), tokens(self.k(h_)), tokens(self.v(h_)))  # (B,1,HW,C)
         h_ = h_[:, 0].transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         h_ = self.proj_out(h_)

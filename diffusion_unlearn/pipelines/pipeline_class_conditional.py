@@ -94,7 +94,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (unet, torch.compile(unet))
 
-    def denoiser(self, compile: bool) -> torch.nn.Module:
+    def unet_to_run(self, compile: bool) -> torch.nn.Module:
         """The U-Net, or its `torch.compile`d form (compiled once per U-Net and kept for later calls)."""
         if not compile:
             return self.unet
@@ -115,7 +115,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()  # (N,)
         indices = list(range(len(labels))) if indices is None else list(indices)
         unet = self.unet
-        denoiser = self.denoiser(compile)
+        denoiser = self.unet_to_run(compile)
         layout = torch.channels_last if channels_last else torch.contiguous_format
         device = unet.device
         bf16 = bf16_autocast(precision, device)
