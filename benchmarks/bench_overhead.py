@@ -26,10 +26,10 @@ from accelerate import Accelerator
 from diffusion_unlearn.config import ForgetConfig, build_config, resolve_device
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.models.factory import build_unet
-from diffusion_unlearn.optim import DualOptim, optimizer_spec
+from diffusion_unlearn.optim import DualOptim
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
 from diffusion_unlearn.saliency import GradientMask
-from diffusion_unlearn.unlearn import Unlearner
+from diffusion_unlearn.unlearn import Unlearner, optimizer_spec
 
 PARTS = ("forget_fwd_bwd", "mask", "forget_clip", "forget_step", "retain_fwd_bwd", "retain_clip", "retain_step", "ema")
 OVERHEAD = ("mask", "forget_clip", "forget_step", "retain_clip", "retain_step", "ema")
