@@ -28,7 +28,7 @@ import yaml
 from pydantic import ConfigDict, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CACHE = ".cache/diffusion-unlearn"
@@ -449,6 +449,46 @@ class DemoConfig:
     optim: Literal["dual", "shared"] = "dual"
     cache_dir: str = DEFAULT_CACHE
     seed: int = 0
+
+
+# The configs below are plain dataclasses (built directly, e.g. `ClassifierConfig(out=...)`); they live here so
+# that the CLI's parser needs no heavy import.
+
+
+@dataclasses.dataclass
+class ClassifierConfig:
+    """Options of `train-classifier`: the FA classifier, trained on the train split, tested on the test split."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    out: str = "classifiers/digits"
+    arch: str | None = None  # None: "digits-cnn" for digits, "resnet34" (the reference's) otherwise
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    resize: int | None = None  # resize inside the classifier (the reference fine-tunes ResNet-34 at 224)
+    init: str | None = None  # ImageNet checkpoint (timm/torchvision state dict) to fine-tune from
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclasses.dataclass
+class ImportClassifierConfig:
+    """Make an FA classifier folder from a local torchvision or timm ImageNet classifier (a `.pth` state dict or
+    `.safetensors`), e.g. torchvision's `resnet34-b627a593.pth`, the reference's DiT classifier (§5.1)."""
+
+    path: str = field(default="", metadata={"positional": True, "help": "the weights file"})
+    out: str = ""
+    arch: str = "resnet34"  # the timm architecture the file holds (torchvision's resnet18/34/50 share its keys)
+    class_names: str = "index"  # 'index' ('0'..'K-1', as `convert --class-names index` names DiT classes) or K names
+    image_size: int = 256  # side of the generated images it classifies (DiT-XL/2 256: 256)
+    resize: int | None = 224  # resized inside the classifier to this side (the reference: 224)
+
+
+@dataclasses.dataclass
+class MethodsConfig:
+    """List the forget methods: the paper each comes from, its mask and forget loss, and its presets."""
 
 
 def method_class(name: str) -> type:

@@ -32,8 +32,7 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
-        for n, s in zip(self.names, self.shadow):
-            params[n].copy_(s)
+        torch._foreach_copy_([params[n] for n in self.names], self.shadow)
 
     def state_dict(self) -> dict:
         return {"rate": self.rate, "updates": self.updates, "shadow": self.weights()}

@@ -17,13 +17,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-
-class UserError(Exception):
-    """Bad input from the user: the CLI prints the message on one line and exits with status 2."""
-
-
-class WriteError(UserError):
-    """A file could not be written (read-only place, no space, no permission); the message names path and cause."""
+from diffusion_unlearn.errors import UserError, WriteError  # noqa: F401 - re-exported: fileio.UserError
 
 
 _NO_SPACE = "free some disk space or choose another folder"

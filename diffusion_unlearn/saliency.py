@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from diffusion_unlearn.eval.sample_store import OneProcess, Processes
 from diffusion_unlearn.fileio import UserError, load_pickled_checkpoint, save_safetensors_atomic, strip_prefix
 from diffusion_unlearn.parameters import named_trainable_parameters
-from diffusion_unlearn.pipelines.pipeline_class_conditional import image_seed
+from diffusion_unlearn.seeds import image_seed
 
 Mask = dict[str, torch.Tensor]  # parameter name → bool tensor of the parameter's shape
 Update = Callable[[torch.Tensor, torch.Tensor], None]  # (flat sum (S,), one unit's flat gradient (S,)) → in place

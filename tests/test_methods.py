@@ -24,7 +24,8 @@ from diffusion_unlearn.modelfolder import ModelMeta, load_model_folder, save_mod
 from diffusion_unlearn.models.unet_lineage import ClassConditionalUNet
 from diffusion_unlearn.optim import DualOptim, OptimizerSpec, SplitAdam
 from diffusion_unlearn.pipelines.backbone import DDPMBackbone
-from diffusion_unlearn.pipelines.pipeline_class_conditional import image_seed, predict_eps
+from diffusion_unlearn.pipelines.pipeline_class_conditional import predict_eps
+from diffusion_unlearn.seeds import image_seed
 from diffusion_unlearn.saliency import gradient_saliency, load_mask, mask_metadata, topk_mask, topk_threshold
 from diffusion_unlearn.unlearn import Unlearner, forget, mask, optimizer_spec
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from diffusion_unlearn.config import resolve_device
+from diffusion_unlearn.config import ClassifierConfig, resolve_device
 from diffusion_unlearn.data import ImageDataset, load_dataset
 from diffusion_unlearn.fileio import (UserError, atomic_dir, file_hash, load_pickled_checkpoint, read_json,
                                       save_safetensors_atomic, strip_prefix, write_json)
@@ -205,24 +205,6 @@ def load_classifier(path: str | os.PathLike, device: str = "cpu") -> FAClassifie
 
 
 # ----------------------------------------------------------------------------- training
-
-
-@dataclass
-class ClassifierConfig:
-    """Options of `train-classifier`: the FA classifier, trained on the train split, tested on the test split."""
-
-    dataset: str = "digits"
-    data_root: str | None = None
-    out: str = "classifiers/digits"
-    arch: str | None = None  # None: "digits-cnn" for digits, "resnet34" (the reference's) otherwise
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    resize: int | None = None  # resize inside the classifier (the reference fine-tunes ResNet-34 at 224)
-    init: str | None = None  # ImageNet checkpoint (timm/torchvision state dict) to fine-tune from
-    seed: int = 0
-    device: str = "auto"
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,27 +10,15 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from diffusion_unlearn.config import ImportClassifierConfig
 from diffusion_unlearn.convert import indexed_class_names
 from diffusion_unlearn.eval.classifier import DIGITS_ARCH, META_FILE, WEIGHTS_FILE, build_network, read_state_dict
 from diffusion_unlearn.fileio import UserError, atomic_dir, file_hash, save_safetensors_atomic, write_json
 
 IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # torchvision's, on [0, 1] images
-
-
-@dataclass
-class ImportClassifierConfig:
-    """Make an FA classifier folder from a local torchvision or timm ImageNet classifier (a `.pth` state dict or
-    `.safetensors`), e.g. torchvision's `resnet34-b627a593.pth`, the reference's DiT classifier (§5.1)."""
-
-    path: str = field(default="", metadata={"positional": True, "help": "the weights file"})
-    out: str = ""
-    arch: str = "resnet34"  # the timm architecture the file holds (torchvision's resnet18/34/50 share its keys)
-    class_names: str = "index"  # 'index' ('0'..'K-1', as `convert --class-names index` names DiT classes) or K names
-    image_size: int = 256  # side of the generated images it classifies (DiT-XL/2 256: 256)
-    resize: int | None = 224  # resized inside the classifier to this side (the reference: 224)
 
 
 def import_classifier(cfg: ImportClassifierConfig) -> dict:

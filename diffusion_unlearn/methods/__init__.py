@@ -6,10 +6,9 @@ the files in `configs/` naming it (`method:`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, build_config, forget_registry_caches,
-                                      load_yaml, option_values,
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, MethodsConfig, build_config,
+                                      forget_registry_caches, load_yaml, option_values,
                                       yaml_values)
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.methods.baselines import FineTune, GradientAscent, RandomLabel
@@ -35,11 +34,6 @@ for _method in (SFRon, SalUn, SelectiveAmnesia, GradientAscent, RandomLabel, Fin
 def build_method(cfg: ForgetConfig) -> Method:
     """The method named by `cfg.method`, configured from a ForgetConfig."""
     return METHODS[cfg.method].from_config(cfg)
-
-
-@dataclass
-class MethodsConfig:
-    """List the forget methods: the paper each comes from, its mask and forget loss, and its presets."""
 
 
 SHARED_FIELDS = {f.name for f in dataclasses.fields(Method)}  # every method's arguments: not listed per method

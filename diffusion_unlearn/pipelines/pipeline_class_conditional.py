@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from diffusion_unlearn.fileio import UserError
 # `ClassConditionalPipeline.from_pretrained(folder)` works in a fresh process.
 from diffusion_unlearn.models import unet_lineage  # noqa: F401
 from diffusion_unlearn.pipelines.guidance import guided_output
+from diffusion_unlearn.seeds import image_generators
 
 
 Precision = Literal["fp32", "bf16"]  # the denoiser's precision while sampling (`--sampling-precision`)
@@ -75,34 +75,37 @@ def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: 
     return guided_output(lambda xs, ts, ys: predict_eps(unet, xs, ts, ys), x, t, labels, scale, null_class)
 
 
-def image_seed(seed: int, index: int) -> int:
-    """A 32-bit seed per (run seed, image index): torch's CPU generator keeps only the low 32 bits of a
-    seed, so `seed << 32 | index` would collide across run seeds."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest(), "little")
-
-
-def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One generator per image index, so a sample set never depends on batch size or process count."""
-    return [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
-
-
 class ClassConditionalPipeline(DiffusionPipeline):
     """Class-conditional DDPM sampling with classifier-free guidance (DDIM with η, or ancestral DDPM)."""
 
     def __init__(self, unet: torch.nn.Module, scheduler: DDPMScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (unet, torch.compile(unet))
+
+    def unet_to_run(self, compile: bool) -> torch.nn.Module:
+        """The U-Net, or its `torch.compile`d form (compiled once per U-Net and kept for later calls)."""
+        if not compile:
+            return self.unet
+        if self._compiled is None or self._compiled[0] is not self.unet:
+            self._compiled = (self.unet, torch.compile(self.unet))
+        return self._compiled[1]
 
     @torch.no_grad()
     def __call__(self, class_labels: Sequence[int] | torch.Tensor, *, guidance_scale: float = 3.0,
                  num_inference_steps: int = 50, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                  indices: Sequence[int] | None = None, batch_size: int = 500, precision: Precision = "fp32",
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, channels_last: bool = True, compile: bool = False) -> torch.Tensor:
         """Images in [-1, 1], (N, C, H, W) on the CPU. Image n uses the generator of `indices[n]`.
-        `precision` "bf16": the U-Net under bf16 autocast (CUDA only), the scheduler steps in float32."""
+        `precision` "bf16": the U-Net under bf16 autocast (CUDA only), the scheduler steps in float32.
+        `channels_last`: the U-Net's input in channels-last layout (the convolutions then skip their layout
+        reorders; same values within float rounding). `compile`: the U-Net through `torch.compile` (slow first
+        call; kept for later calls of this pipeline)."""
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()  # (N,)
         indices = list(range(len(labels))) if indices is None else list(indices)
         unet = self.unet
+        denoiser = self.unet_to_run(compile)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
         device = unet.device
         bf16 = bf16_autocast(precision, device)
         scheduler = sampling_scheduler(self.scheduler.config, sampler)
@@ -117,15 +120,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
             y = labels[start:start + batch_size].to(device)  # (B,)
             gens = image_generators(seed, indices[start:start + batch_size])
             x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, H, W)
+            x = x.contiguous(memory_format=layout)
             scheduler.set_timesteps(num_inference_steps)
+            step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+            tt = torch.empty(len(y), device=device, dtype=torch.long)  # (B,), refilled each step
             for t in scheduler.timesteps:
-                tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)  # (B,)
+                tt.fill_(int(t))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    eps = guided_eps(unet, x, tt, y, guidance_scale, null_class).float()  # (B, C, H, W)
-                step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+                    eps = guided_eps(denoiser, x, tt, y, guidance_scale, null_class).float()  # (B, C, H, W)
                 x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
                 bar.update(1)
-            out.append(x.float().cpu())
+            out.append(x.float().cpu().contiguous())
         bar.close()
         unet.train(was_training)
         return torch.cat(out) if out else torch.empty(0, *shape)

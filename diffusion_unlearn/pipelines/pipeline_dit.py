@@ -28,7 +28,8 @@ from diffusion_unlearn.fileio import UserError
 # diffusers only loads a custom component class whose module is already imported.
 from diffusion_unlearn.models.dit_transformer import ClassConditionalDiT
 from diffusion_unlearn.pipelines.guidance import guided_output
-from diffusion_unlearn.pipelines.pipeline_class_conditional import Precision, bf16_autocast, image_generators
+from diffusion_unlearn.pipelines.pipeline_class_conditional import Precision, bf16_autocast
+from diffusion_unlearn.seeds import image_generators
 
 FID_GUIDANCE_SCALE = 1.5  # the original's sample_ddp.py
 GRID_GUIDANCE_SCALE = 4.0  # the original's sample.py
