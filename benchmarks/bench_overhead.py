@@ -92,9 +92,9 @@ def main() -> None:
 
     def fwd_bwd(loss_of: Callable, stream) -> Callable[[], None]:
         def run() -> None:
-            x, y = learner._batch(stream)
+            loss = learner._loss(stream, loss_of)  # the loop's own batch and keyed draws
             learner.optim.zero_grad()
-            acc.backward(loss_of(learner.backbone, x, y))
+            acc.backward(loss)
         return run
 
     clip = lambda: acc.clip_grad_norm_(learner.params, cfg.grad_clip)  # noqa: E731
