@@ -25,6 +25,7 @@ from diffusion_unlearn.config import RelearnConfig, config_to_dict, resolve_devi
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, forgetting_measures
+from diffusion_unlearn.eval.report import save_figure
 from diffusion_unlearn.fileio import UserError, atomic_path, read_json, torch_save_atomic, write_json
 from diffusion_unlearn.modelfolder import load_model_and_data, load_model_folder
 from diffusion_unlearn.optim import OptimizerSpec
@@ -227,7 +228,4 @@ def relearn_plot(result: dict, out_png: Path) -> None:
            title=f"relearning class {result['forget_class_name']}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)

@@ -25,22 +25,29 @@ def write_cifar(folder, per_batch: int = 4, max_value: int = 256) -> None:
         pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}, f, protocol=2)
 
 
+def ema_update_that_kills(kill_after: int):
+    """`EMA.update` that raises KeyboardInterrupt after its `kill_after`-th call (a killed run), and the original."""
+    from diffusion_unlearn.ema import EMA
+
+    original, calls = EMA.update, [0]
+
+    def killing_update(self):
+        original(self)
+        calls[0] += 1
+        if calls[0] == kill_after:
+            raise KeyboardInterrupt
+
+    return killing_update, original
+
+
 def killed_pretrain_resumes(monkeypatch, args: list[str], kill_after: int) -> None:
     """Run `pretrain` with `args` killed (KeyboardInterrupt) after its `kill_after`-th EMA update, check that it
     left a resumable state, then rerun it to the end."""
     from diffusion_unlearn.cli import main
     from diffusion_unlearn.ema import EMA
 
-    calls = {"n": 0}
-    original = EMA.update
-
-    def killing_update(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == kill_after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EMA, "update", killing_update)
+    killing, original = ema_update_that_kills(kill_after)
+    monkeypatch.setattr(EMA, "update", killing)
     out = Path(args[args.index("--out") + 1])
     with pytest.raises(KeyboardInterrupt):
         main(args)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from builders import ema_update_that_kills
 from diffusion_unlearn.cli import main
 
 pytestmark = pytest.mark.slow  # each 2-process launch imports the stack twice (~20 s on 2 cores)
@@ -72,15 +73,8 @@ def _killed_forget(monkeypatch, args, kill_after: int) -> None:
     """`forget` in this process, killed after `kill_after` EMA updates; a state is left behind."""
     from diffusion_unlearn.ema import EMA
 
-    original, updates = EMA.update, [0]
-
-    def killing_update(self):
-        original(self)
-        updates[0] += 1
-        if updates[0] == kill_after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EMA, "update", killing_update)
+    killing, original = ema_update_that_kills(kill_after)
+    monkeypatch.setattr(EMA, "update", killing)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     monkeypatch.setattr(EMA, "update", original)

@@ -161,3 +161,21 @@ def test_masked_state_round_trips():
     opt2.load_state_dict(state)
     for a, b in zip(opt.forget_optimizer.state, opt2.forget_optimizer.state):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_size_groups_bound_foreach_temporaries_and_change_no_update():
+    from diffusion_unlearn.optim import size_groups
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7, 20, 3, 4)]
+    groups = size_groups(params, limit=12)
+    assert [[p.numel() for p in g["params"]] for g in groups] == [[5, 7], [20], [3, 4]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grouped = torch.optim.AdamW(size_groups(params, limit=12), lr=1e-2, foreach=True)
+    single = torch.optim.AdamW(twins, lr=1e-2, foreach=True)
+    for _ in range(3):
+        for ps, opt in ((params, grouped), (twins, single)):
+            opt.zero_grad()
+            sum((p * p.detach().sign()).sum() for p in ps).backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twins))

@@ -25,8 +25,15 @@ def loss_plot(log_path: str | Path, out_png: str | Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
+    save_figure(fig, out_png)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure laid out tight, written atomically as PNG (110 dpi), then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 

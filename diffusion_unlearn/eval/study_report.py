@@ -9,6 +9,7 @@ import io
 import math
 from pathlib import Path
 
+from diffusion_unlearn.eval.report import save_figure
 from diffusion_unlearn.fileio import atomic_path, write_json
 
 METRICS = (("fa", "FA %", True), ("retain_accuracy", "retained acc. %", True), ("fid", "FID", False))
@@ -124,10 +125,7 @@ def _method_panels(results: list[dict], path: Path, title: str, xlabel: str, dra
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def curves_plot(results: list[dict], base: dict[int, dict], retrain: dict[int, dict], path: Path) -> None:
