@@ -174,13 +174,14 @@ def test_two_processes_make_the_same_images_and_metrics_as_one(one_process, tiny
 
 
 def test_report_shows_forgetting_measures_per_class_accuracy_and_the_disagreement(tmp_path):
+    from diffusion_unlearn.config import SamplerConfig
     from diffusion_unlearn.eval.report import write_report
 
     base = {"fa": 0.9, "fa_in_distribution": 0.85, "ood_rate": 0.0, "forget_fid": 5.0, "forget_kid": 0.01,
             "per_class_accuracy": {"0": 0.9, "1": 1.0}}
     unlearned = {**base, "fa": 0.6, "fa_in_distribution": 0.05, "ood_rate": 0.7, "forget_fid": 80.0,
                  "per_class_accuracy": {"0": 0.6, "1": 0.95}, "forget_class_name": "0", "forget_class": 0,
-                 "sampler": "ddim", "steps": 2, "eta": 0.0, "guidance_scale": 3.0, "guidance_w": 2.0, "seed": 0,
+                 **SamplerConfig(sampler="ddim", steps=2, guidance_scale=3.0).describe(),  # the keys eval writes
                  "fa_samples": 6, "retain_samples": 4, "fid_reference_count": 10, "fid_feature_extractor": "x",
                  "forget_fid_reference": "146 real training images of the class (all)", "num_processes": 2}
     text = write_report(tmp_path / "report.md", title="t", base=base, unlearned=unlearned,

@@ -150,7 +150,7 @@ def _features(clf, uint8: torch.Tensor) -> torch.Tensor:
 def test_fid_stats_equal_the_statistics_and_fid_of_the_features(classifier, tmp_path):
     out = tmp_path / "digits-excl3.npz"
     assert main(["fid-stats", "--classifier", str(classifier.path), "--exclude-class", "3", "--count", "300",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     stats, about = read_reference_statistics(out, dim=classifier.features(torch.zeros(1, 1, 8, 8)).shape[1])
     train = load_dataset("digits", split="train")
     keep = reference_positions(train, 3, 300, "standard")  # (300,)

@@ -95,7 +95,7 @@ def write_report(path: str | Path, *, title: str, base: dict, unlearned: dict, g
     path = Path(path)
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     protocol = (f"{unlearned['sampler']} {unlearned['steps']} steps (η={unlearned['eta']}), guidance s="
-                f"{unlearned['guidance_scale']:g} (lineage w={unlearned['guidance_w']:g}), seed {unlearned['seed']}; "
+                f"{unlearned['guidance_scale']:g} (lineage w={unlearned['guidance_w']:g}), seed {unlearned['sample_seed']}; "
                 f"FA on {unlearned['fa_samples']} samples, retained accuracy and FID on {unlearned['retain_samples']} "
                 f"samples vs {unlearned['fid_reference_count']} real images; FID features: "
                 f"{unlearned['fid_feature_extractor']}")
