@@ -65,6 +65,14 @@ def build_parser(commands: dict, only: str | None = None) -> argparse.ArgumentPa
     return parser
 
 
+def _close_process_group() -> None:
+    """Under `accelerate launch`, tear the process group down while the interpreter is whole: left to the
+    interpreter's exit, gloo's destructor can abort a process whose peer has already gone (seen as SIGABRT)."""
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = _commands()
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"diffusion-unlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if k not in ("config", "losses")}, indent=2, default=str))
     elif result is not None:
