@@ -58,7 +58,9 @@ def demo(cfg: DemoConfig) -> dict:
     common = dict(dataset="digits", forget_class=cfg.forget_class, classifier=str(classifier),
                   cache_dir=str(cache / "fid"), sampler=DEMO_SAMPLER, fa_samples=DEMO_FA_SAMPLES,
                   retain_samples_per_class=DEMO_RETAIN_PER_CLASS)
-    metrics_base = evaluate(EvalConfig(model=str(base), out=str(out / "metrics-base.json"), **common))
+    # each setting's metrics (and sample store) in a file of its own: a store is reused only by its own setting
+    base_metrics = out / f"metrics-base-{cfg.backbone}-class{cfg.forget_class}-seed{cfg.seed}.json"
+    metrics_base = evaluate(EvalConfig(model=str(base), out=str(base_metrics), **common))
     run = out / f"forget-{cfg.backbone}-class{cfg.forget_class}-{cfg.optim}-seed{cfg.seed}"  # reused when finished
     forget_cfg = build_config(ForgetConfig, yaml_values(ForgetConfig, preset_path(recipe.forget_preset)),
                               {"model": str(base), "forget_class": cfg.forget_class, "optim": cfg.optim,
@@ -66,7 +68,7 @@ def demo(cfg: DemoConfig) -> dict:
     paths = OutputPaths(Path(forget_cfg.out))
     if not paths.model.exists() or paths.state.exists():
         forget(forget_cfg)
-    metrics_unlearned = evaluate(EvalConfig(model=str(paths.model), out=str(out / "metrics-unlearned.json"), **common))
+    metrics_unlearned = evaluate(EvalConfig(model=str(paths.model), out=str(run / "metrics.json"), **common))
 
     loss_plot(paths.log, out / "losses.png")
     report = write_report(
