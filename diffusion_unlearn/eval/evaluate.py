@@ -36,7 +36,7 @@ from diffusion_unlearn.eval.sample_store import Processes, SamplePlan, SampleSto
 from diffusion_unlearn.fileio import UserError, WriteError, write_json
 from diffusion_unlearn.grids import to_uint8
 from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
-from diffusion_unlearn.pipelines.sampling import Pipeline
+from diffusion_unlearn.pipelines.sampling import Pipeline, draw_images
 from diffusion_unlearn.preflight import check_readable_file, check_writable_dir
 from diffusion_unlearn.provenance import settings_of, weights_fingerprint
 from diffusion_unlearn.sampler_defaults import resolve_sampler
@@ -103,12 +103,8 @@ class ShardMaker:
         self.feature_seconds = 0.0  # spent in `features` by this process
 
     def generate(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        s = self.sampler
-        precision = "fp32" if s.sampling_precision == "auto" else s.sampling_precision
-        self._floats = self.pipeline(labels, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
-                                     sampler=s.sampler, eta=s.eta, seed=s.sample_seed, indices=indices.tolist(),
-                                     batch_size=s.sample_batch_size, precision=precision,
-                                     progress=False)  # (n, C, H, W) in [-1, 1]
+        self._floats = draw_images(self.pipeline, labels, indices.tolist(), self.sampler,
+                                   progress=False)  # (n, C, H, W) in [-1, 1]
         return to_uint8(self._floats)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
