@@ -361,6 +361,25 @@ class ConvertConfig:
 
 
 @config_class
+class RelearnSettings:
+    """`study --relearn K`: after each cell's forget run, `relearn` its model with K forgotten-class images (a
+    comma-separated list: one variant per K; 0: retained-class data only), and the base and retrain models alike
+    (reference rows). Empty `shots`: no relearning. A field left None takes `relearn`'s default (RelearnConfig)."""
+
+    ALIAS: ClassVar[str] = "relearn_{leaf}"
+
+    shots: str = field(default="", metadata={
+        "flat_name": "relearn", "help": "K forgotten-class images to relearn from, e.g. 5 or 1,5,25; empty: none"})
+    max_steps: PositiveInt | None = field(default=None, metadata={
+        "flat_name": "relearn_steps", "help": "N, the most fine-tuning steps (unset: relearn's --max-steps)"})
+    lr: float | None = field(default=None, metadata={"help": "unset: relearn's --lr"})
+    batch_size: PositiveInt | None = field(default=None, metadata={"help": "unset: relearn's --batch-size"})
+    probe_every: PositiveInt | None = field(default=None, metadata={"help": "unset: relearn's --probe-every"})
+    probe_samples: PositiveInt | None = field(default=None, metadata={"help": "unset: relearn's --probe-samples"})
+    relearned_at: float | None = field(default=None, metadata={"help": "unset: relearn's --relearned-at"})
+
+
+@config_class
 class StudyConfig:
     """Stability study (paper Table 1/3, Figure 2): every method × optimizer setup × forgotten class × seed, each
     run and evaluated alike. Writes a table of mean ± std, a CSV of every cell and FA/FID-over-iterations plots;
@@ -406,6 +425,26 @@ class StudyConfig:
     time_limit: PositiveInt = 240  # minutes a cell's job may run; SLURM: a claim older than this is stale
     array_parallelism: PositiveInt = 32  # SLURM array tasks (cells) running at once
     device: str = "auto"
+    # Stop when forgotten (docs/stopping-and-relearning.md): every cell's run with `forget --until-forgotten`;
+    # the presets' iteration counts no longer apply, `max_iterations` is the cap. Unset: the presets' values
+    # (else ForgetConfig's).
+    until_forgotten: bool = field(default=False, metadata={
+        "help": "run every cell until forgotten (forget --until-forgotten, probes with --classifier); the "
+                "presets' iterations are ignored, --max-iterations is the cap"})
+    target_fa: float | None = field(default=None, metadata={"help": "unset: the presets' (forget --target-fa)"})
+    probe_every: PositiveInt | None = field(default=None, metadata={"help": "unset: the presets' (forget --probe-every)"})
+    probe_samples: PositiveInt | None = field(default=None, metadata={
+        "help": "unset: the presets' (forget --probe-samples)"})
+    max_iterations: PositiveInt | None = field(default=None, metadata={
+        "help": "the cap of --until-forgotten (unset: the presets', forget --max-iterations)"})
+    relearn: RelearnSettings = field(default_factory=RelearnSettings)
+
+    @model_validator(mode="after")
+    def _check_stopping(self) -> StudyConfig:
+        if self.until_forgotten and self.iterations.strip():
+            raise UserError(f"--iterations {self.iterations} has no effect with --until-forgotten; set the cap with "
+                            "--max-iterations instead")
+        return self
 
 
 @config_class

@@ -33,14 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_unlearn.claims import is_stale, owner, read_claim, release, try_claim
-from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, SamplerConfig,
-                                      StudyConfig, build_config, preset_path, resolve_device, yaml_values)
+from diffusion_unlearn.config import (CONFIG_DIR, ForgetConfig, MaskSettings, PretrainConfig, RelearnConfig,
+                                      SamplerConfig, StudyConfig, build_config, preset_path, resolve_device,
+                                      yaml_values)
 from diffusion_unlearn.data import ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.evaluate import fid_extractor_kind, sample_metrics
 from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets
 from diffusion_unlearn.eval.fid import find_inception_weights
-from diffusion_unlearn.eval.study_report import write_study_outputs
+from diffusion_unlearn.eval.study_report import censored_steps, write_study_outputs
 from diffusion_unlearn.fileio import UserError, append_jsonl, read_json, write_json
 from diffusion_unlearn.methods import METHODS, build_method
 from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
@@ -50,7 +51,9 @@ from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.provenance import (NO_EFFECT, Provenance, check_reuse, model_files_identity, settings_of,
                                           short_key)
 from diffusion_unlearn.saliency import compute_mask, mask_description, mask_metadata, save_mask
+from diffusion_unlearn.relearn import parse_shots, relearn, variant_record
 from diffusion_unlearn.sampler_defaults import resolve_sampler
+from diffusion_unlearn.stopping import STOPPING_FILE
 from diffusion_unlearn.unlearn import OutputPaths, Probe, forget, mask_record, run_record
 
 OPTIM_SETUPS = ("dual", "shared")
@@ -60,7 +63,12 @@ GRID_SETTINGS = frozenset({"methods", "optims", "classes", "seeds", "forget_lrs"
 # StudyConfig settings that choose where and how cells run, never what they compute
 CLUSTER_SETTINGS = frozenset({"executor", "partition", "gpus_per_cell", "cpus_per_cell", "time_limit",
                               "array_parallelism"})
-STUDY_FOLDERS = ("cells", "shared", "base", "retrain-scores")  # what --restart discards
+# StudyConfig settings that a cell records through its forget run's settings (the stop settings, passed to every
+# cell with --until-forgotten) or only when relearning (the `relearn` section): left out of the study's own record,
+# so that the records of studies without them stay as they were
+STOP_SETTINGS = frozenset({"until_forgotten", "target_fa", "probe_every", "probe_samples", "max_iterations"})
+RELEARN_SECTION = "relearn."
+STUDY_FOLDERS = ("cells", "shared", "base", "retrain-scores", "relearn-refs")  # what --restart discards
 POLL_SECONDS = 2.0  # how often a waiting study process looks for finished cells
 
 
@@ -145,6 +153,9 @@ def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
         values["schedule"] = "alternate"
     if cfg.batch_size is not None:
         values["batch_size"] = cfg.batch_size
+    if cfg.until_forgotten:  # the cap replaces the presets' iteration counts (ForgetConfig.planned_iterations)
+        values |= {"until_forgotten": True, "classifier": cfg.classifier,
+                   **{k: getattr(cfg, k) for k in STOP_SETTINGS - {"until_forgotten"} if getattr(cfg, k) is not None}}
     iterations = iterations_per_method(cfg.iterations, _split_list(cfg.methods, "methods"))
     if cell.method in iterations:
         values["iterations"] = iterations[cell.method]
@@ -191,8 +202,82 @@ def _evaluator(cfg: StudyConfig, dataset: ImageDataset, backbone: str) -> Evalua
 def study_record(cfg: StudyConfig, kind: str, **extra) -> Provenance:
     """What a study's scores depend on: every study setting except the grid's coordinates and where cells run
     (so a study started inline may finish on a cluster), the base model's identity, and `extra`."""
-    return Provenance(kind, {**settings_of(cfg, NO_EFFECT | GRID_SETTINGS | CLUSTER_SETTINGS),
-                             "base_model_files": model_files_identity(cfg.model), **extra})
+    settings = {k: v for k, v in settings_of(cfg, NO_EFFECT | GRID_SETTINGS | CLUSTER_SETTINGS | STOP_SETTINGS).items()
+                if not k.startswith(RELEARN_SECTION)}
+    return Provenance(kind, {**settings, "base_model_files": model_files_identity(cfg.model), **extra})
+
+
+# ----------------------------------------------------------------------------- relearning
+
+
+def relearn_settings(cfg: StudyConfig) -> dict:
+    """The `relearn` section's fields that are set (the others take RelearnConfig's defaults); {} without --relearn."""
+    if not cfg.relearn.shots.strip():
+        return {}
+    return {k: v for k, v in dataclasses.asdict(cfg.relearn).items() if v is not None}
+
+
+def relearn_config(cfg: StudyConfig, model: Path, forget_class: int, seed: int, out: Path) -> RelearnConfig:
+    """`relearn` of `model` for a cell or a reference row: the study's relearn settings, classifier and evaluation
+    sampler, the cell's seed (which K images, the fine-tuning's draws)."""
+    return build_config(RelearnConfig, {
+        "model": str(model), "dataset": cfg.dataset, "data_root": cfg.data_root, "forget_class": forget_class,
+        "classifier": cfg.classifier, "out": str(out), "seed": seed, "device": cfg.device,
+        "sampler": dataclasses.asdict(cfg.sampler), **relearn_settings(cfg)})
+
+
+def relearn_columns(variants: list[dict], max_steps: int) -> dict:
+    """A relearn run's per-K outcome as result columns: `steps_to_relearn_k<K>` (censored: "not within N" counts
+    as N + 1, `relearned_k<K>` false; eval/study_report.censored_steps), `steps_to_relearn` ({K: steps}) and the
+    curves under `relearn`."""
+    out: dict = {"steps_to_relearn": {}, "relearn": []}
+    for v in variants:
+        steps, relearned = censored_steps(v["steps_to_relearn"], max_steps)
+        k = v["shots"]
+        out |= {f"steps_to_relearn_k{k}": steps, f"relearned_k{k}": relearned}
+        out["steps_to_relearn"][str(k)] = steps
+        out["relearn"].append({"shots": k, "steps_to_relearn": steps, "relearned": relearned, "curve": v["curve"]})
+    return out
+
+
+def relearn_protocol(rcfg: RelearnConfig) -> str:
+    """The table's protocol line of the study's relearning."""
+    return (f"relearning: K = {rcfg.shots} forgotten-class images (0: retained classes only), fine-tuned for up "
+            f"to N = {rcfg.max_steps} steps (lr {rcfg.lr:g}, batch {rcfg.batch_size}), probes of "
+            f"{rcfg.probe_samples} samples every {rcfg.probe_every} steps; steps to relearn: the first probe with "
+            f"fa_in_distribution ≥ {rcfg.relearned_at:g}, \"not within N\" counted as N + 1 (censored); the "
+            "retrain and base rows relearn alike, per class and seed")
+
+
+def finished_relearn(rcfg: RelearnConfig) -> list[dict] | None:
+    """The finished variants of a relearn run (each refused when made with other settings), or None when one is
+    missing."""
+    variants = []
+    for k in parse_shots(rcfg.shots):
+        path = Path(rcfg.out) / f"k{k}" / "result.json"
+        if not path.is_file():
+            return None
+        saved = read_json(path)
+        check_reuse(Provenance.from_dict(saved.get("provenance")), variant_record(rcfg, k), path)
+        variants.append(saved)
+    return variants
+
+
+def reference_relearn(cfg: StudyConfig, references: dict[str, dict[int, Path]], pairs: list[tuple[int, int]],
+                      root: Path) -> dict[str, dict[tuple[int, int], dict]]:
+    """Relearn rows of the reference models (`references`: name → class → model folder) for each (class, seed)
+    of the cells, each made once across study processes: name → (class, seed) → relearn columns."""
+    runs = {(name, c, s): relearn_config(cfg, models[c], c, s, root / "relearn-refs" / f"{name}-c{c}-s{s}")
+            for name, models in references.items() for c, s in pairs if c in models}
+    units = [Work(Path(r.out), lambda r=r: finished_relearn(r) is not None, lambda r=r: relearn(r))
+             for r in runs.values()]
+    for work in tqdm(units, desc="study: relearning the references", disable=not units):
+        run_claimed(work, claim_time_limit(cfg))
+    wait_for(units, claim_time_limit(cfg))
+    out: dict[str, dict[tuple[int, int], dict]] = {name: {} for name in references}
+    for (name, c, s), r in runs.items():
+        out[name][(c, s)] = relearn_columns(finished_relearn(r), r.max_steps)
+    return out
 
 
 def reused_json(path: Path, record: Provenance) -> dict | None:
@@ -369,7 +454,8 @@ def cell_folder(cfg: StudyConfig, cell: Cell) -> Path:
 
 def cell_record(cfg: StudyConfig, cell: Cell) -> Provenance:
     fc = forget_config(cfg, cell, cell_folder(cfg, cell) / "forget")
-    return study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()})
+    return study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()},
+                        **{f"{RELEARN_SECTION}{k}": v for k, v in relearn_settings(cfg).items()})
 
 
 def cell_result(cfg: StudyConfig, cell: Cell) -> dict | None:
@@ -382,9 +468,18 @@ def cell_work(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> Work:
     return Work(folder, (folder / "result.json").exists, lambda: run_cell(cfg, cell, evaluator))
 
 
+def stopping_columns(run_folder: Path) -> dict:
+    """An --until-forgotten run's outcome as result columns: `iterations_to_forget` (the stop iteration; the cap
+    when not forgotten), `forgotten`, and the stop probes' curve (`stop_curve`)."""
+    summary = read_json(run_folder / STOPPING_FILE)
+    return {"iterations_to_forget": summary["stop_iteration"], "forgotten": summary["forgotten"],
+            **{k: summary[k] for k in ("target_fa", "probe_every", "max_iterations")}, "stop_curve": summary["curve"]}
+
+
 def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
-    """One cell: `forget` with a curve probe, then the final evaluation; `result.json` last. Each run appends who
-    made it (host, pid, SLURM job id) to `runs.jsonl`."""
+    """One cell: `forget` with a curve probe (until forgotten, with --until-forgotten), the final evaluation, and
+    with --relearn the relearning of its model (`relearn/`); `result.json` last. Each run appends who made it
+    (host, pid, SLURM job id) to `runs.jsonl`."""
     root = Path(cfg.out)
     folder = cell_folder(cfg, cell)
     paths = OutputPaths(folder / "forget")
@@ -412,10 +507,16 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     scores = evaluator(pipeline, cell.forget_class)
     curve = [{"iteration": r["iteration"] + 1, **{k: r[k] for k in ("fa", "retain_accuracy", "fid")}}
              for r in map(json.loads, paths.log.read_text().splitlines()) if "fa" in r]
+    extra = stopping_columns(paths.root) if fc.until_forgotten else {}
+    if relearn_settings(cfg):
+        rcfg = relearn_config(cfg, paths.model, cell.forget_class, cell.seed, folder / "relearn")
+        relearn_started = time.perf_counter()
+        extra |= {**relearn_columns(relearn(rcfg)["variants"], rcfg.max_steps),
+                  "seconds_relearn": time.perf_counter() - relearn_started}
     result = {**dataclasses.asdict(cell), "cell": cell.name, "schedule": fc.schedule, "iterations": fc.iterations,
               "batch_size": fc.batch_size, "forget_lr_used": fc.forget_optimizer.lr,
               "retain_lr_used": fc.retain_optimizer.lr,
-              **scores, "curve": curve, "seconds_forget": seconds_forget,
+              **scores, "curve": curve, **extra, "seconds_forget": seconds_forget,
               "seconds_total": time.perf_counter() - started, "provenance": record.to_dict()}
     write_json(folder / "result.json", result)
     return result
@@ -550,6 +651,8 @@ def check_inputs(cfg: StudyConfig) -> tuple[StudyConfig, list[Cell], LoadedModel
         raise UserError("--jobs counts cells at once on this machine; with --executor slurm set "
                         "--array-parallelism instead")
     cells = plan_cells(cfg, dataset.num_classes)
+    if relearn_settings(cfg):
+        parse_shots(cfg.relearn.shots)  # a bad K list fails now
     for cell in {replace(c, forget_class=0, seed=0) for c in cells}:
         forget_config(cfg, cell, Path(cfg.out) / "check")  # unknown preset keys etc. fail now
     return cfg, cells, loaded, dataset
@@ -585,5 +688,12 @@ def study(cfg: StudyConfig) -> dict:
     wait_for([cell_work(cfg, cell, evaluator) for cell in cells], claim_time_limit(cfg), jobs, bar)
     bar.close()
     results = [cell_result(cfg, cell) for cell in cells]
-    outputs = write_study_outputs(evaluator.cfg, results, base, retrain_scores, root)  # the resolved sampler
+    relearned, notes = {}, ()
+    if relearn_settings(cfg):
+        pairs = sorted({(c.forget_class, c.seed) for c in cells})
+        relearned = reference_relearn(cfg, {"base": dict.fromkeys(classes, Path(cfg.model)), "retrain": retrain},
+                                      pairs, root)
+        notes = (relearn_protocol(relearn_config(cfg, Path(cfg.model), 0, 0, root)),)
+    outputs = write_study_outputs(evaluator.cfg, results, base, retrain_scores, root,  # the resolved sampler
+                                  relearned, notes)
     return {**outputs, "cells": len(results), "seconds": time.perf_counter() - started}
