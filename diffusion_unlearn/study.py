@@ -219,7 +219,8 @@ def relearn_settings(cfg: StudyConfig) -> dict:
 
 def relearn_config(cfg: StudyConfig, model: Path, forget_class: int, seed: int, out: Path) -> RelearnConfig:
     """`relearn` of `model` for a cell or a reference row: the study's relearn settings, classifier and evaluation
-    sampler, the cell's seed (which K images, the fine-tuning's draws)."""
+    sampler (pass the evaluator's `cfg`, whose sampler is resolved as `relearn` resolves it and records it), the
+    cell's seed (which K images, the fine-tuning's draws)."""
     return build_config(RelearnConfig, {
         "model": str(model), "dataset": cfg.dataset, "data_root": cfg.data_root, "forget_class": forget_class,
         "classifier": cfg.classifier, "out": str(out), "seed": seed, "device": cfg.device,
@@ -509,7 +510,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
              for r in map(json.loads, paths.log.read_text().splitlines()) if "fa" in r]
     extra = stopping_columns(paths.root) if fc.until_forgotten else {}
     if relearn_settings(cfg):
-        rcfg = relearn_config(cfg, paths.model, cell.forget_class, cell.seed, folder / "relearn")
+        rcfg = relearn_config(evaluator.cfg, paths.model, cell.forget_class, cell.seed, folder / "relearn")
         relearn_started = time.perf_counter()
         extra |= {**relearn_columns(relearn(rcfg)["variants"], rcfg.max_steps),
                   "seconds_relearn": time.perf_counter() - relearn_started}
@@ -691,8 +692,8 @@ def study(cfg: StudyConfig) -> dict:
     relearned, notes = {}, ()
     if relearn_settings(cfg):
         pairs = sorted({(c.forget_class, c.seed) for c in cells})
-        relearned = reference_relearn(cfg, {"base": dict.fromkeys(classes, Path(cfg.model)), "retrain": retrain},
-                                      pairs, root)
+        relearned = reference_relearn(evaluator.cfg, {"base": dict.fromkeys(classes, Path(cfg.model)),
+                                                      "retrain": retrain}, pairs, root)
         notes = (relearn_protocol(relearn_config(cfg, Path(cfg.model), 0, 0, root)),)
     outputs = write_study_outputs(evaluator.cfg, results, base, retrain_scores, root,  # the resolved sampler
                                   relearned, notes)

@@ -200,3 +200,41 @@ def test_bad_inputs_fail_before_work(tiny_model, classifier, presets, tmp_path, 
     assert main(["study", "--model", str(tiny_model), "--out", str(tmp_path / "s")]) == 2
     assert "--classifier is required" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_until_forgotten_and_relearn_study_finishes_and_resumes(tiny_model, classifier, tmp_path, monkeypatch):
+    """Second edition: every cell runs until forgotten (the cap when not) and relearns; the base and retrain
+    models get relearn rows; a finished study reruns nothing."""
+    (tmp_path / "p-sfron.yaml").write_text(yaml.safe_dump(
+        {**TINY_PRESETS["sfron"], "method": "sfron", "probe_retain_per_class": 1}))
+    retrain = tmp_path / "retrain"
+    loaded = load_model_folder(tiny_model, "cpu")
+    save_model_folder(retrain / "without-zero", loaded.denoiser, replace(loaded.meta, excluded_classes=[0]))
+    out = tmp_path / "study"
+    args = ["--methods", "sfron", "--classes", "0", "--retrain-dir", str(retrain), "--until-forgotten",
+            "--max-iterations", "4", "--probe-every", "2", "--probe-samples", "4", "--relearn", "1",
+            "--relearn-steps", "2", "--relearn-probe-every", "1", "--relearn-batch-size", "4",
+            "--relearn-probe-samples", "4"]
+    assert _study(args, tiny_model, classifier, out, f"{tmp_path}/p-") == 0
+    result = read_json(out / "cells" / "sfron-dual-c0-s0" / "result.json")
+    assert result["iterations_to_forget"] in (2, 4) and isinstance(result["forgotten"], bool)
+    assert result["forgotten"] or result["iterations_to_forget"] == 4  # not forgotten: the cap
+    assert [p["iteration"] for p in result["stop_curve"]][-1] == result["iterations_to_forget"]
+    steps = result["steps_to_relearn_k1"]
+    assert steps == result["steps_to_relearn"]["1"] and (steps <= 2) == result["relearned_k1"]  # N + 1 = 3: not
+    rows = list(csv.DictReader((out / "cells.csv").open()))
+    assert len(rows) == 2 and {"iterations_to_forget", "steps_to_relearn_k1", "fa_in_distribution_vs_retrain",
+                               "steps_to_relearn_k1_vs_retrain"} <= set(rows[0])
+    summary = read_json(out / "summary.json")
+    assert set(summary["references_relearn"]) == {"base", "retrain"}
+    assert {r["measure"] for r in summary["stability"]} >= {"iterations_to_forget", "fa_in_distribution", "fid"}
+    table = (out / "table.md").read_text()
+    assert "## Stability: std(dual)/std(shared)" in table and "until forgotten" in table and "relearning: K = 1" in table
+
+    import diffusion_unlearn.study as study_module
+
+    monkeypatch.setattr(study_module, "forget", lambda *a, **k: pytest.fail("a finished cell was rerun"))
+    monkeypatch.setattr(study_module, "relearn", lambda *a, **k: pytest.fail("a finished relearn was rerun"))
+    assert _study(args, tiny_model, classifier, out, f"{tmp_path}/p-") == 0
+    assert (out / "table.md").read_text() == table

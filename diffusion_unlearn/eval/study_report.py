@@ -123,6 +123,9 @@ def summarise(results: list[dict], base: dict[int, dict], retrain: dict[int, dic
                 values = [s.get(key) for s in (relearn_rows if key.startswith("steps_to_relearn") else ref.values())]
                 row[key], row[f"{key}_std"] = mean_std(values)
                 row[f"{key}{GAP}"] = row[f"{key}{GAP}_std"] = row[f"{key}_gap"] = None
+            for key, _, _ in relearn_measures(results):
+                k = key.rsplit("_k", 1)[1]
+                row[f"not_relearned_k{k}"] = sum(not r.get(f"relearned_k{k}", True) for r in relearn_rows)
             rows.append(row)
     return rows
 
