@@ -453,20 +453,44 @@ def cell_folder(cfg: StudyConfig, cell: Cell) -> Path:
     return Path(cfg.out) / "cells" / cell.name
 
 
-def cell_record(cfg: StudyConfig, cell: Cell) -> Provenance:
+def cell_record(cfg: StudyConfig, cell: Cell, relearning: bool = True) -> Provenance:
+    """What a cell's result was made with: the study's record, its forget run's settings and, when `relearning`,
+    the study's relearn settings."""
     fc = forget_config(cfg, cell, cell_folder(cfg, cell) / "forget")
     return study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()},
-                        **{f"{RELEARN_SECTION}{k}": v for k, v in relearn_settings(cfg).items()})
+                        **{f"{RELEARN_SECTION}{k}": v for k, v in (relearn_settings(cfg) if relearning else {}).items()})
+
+
+def result_before_relearning(cfg: StudyConfig, cell: Cell) -> dict | None:
+    """With --relearn: the cell's `result.json` when an earlier sitting finished it without relearning, with the
+    same settings otherwise (the cell then only relearns); else None."""
+    path = cell_folder(cfg, cell) / "result.json"
+    if not relearn_settings(cfg) or not path.exists():
+        return None
+    saved = read_json(path)
+    try:
+        check_reuse(Provenance.from_dict(saved.get("provenance")), cell_record(cfg, cell, relearning=False), path)
+    except UserError:
+        return None
+    return saved
+
+
+def cell_done(cfg: StudyConfig, cell: Cell) -> bool:
+    """The cell has its `result.json`, relearning included when the study relearns."""
+    path = cell_folder(cfg, cell) / "result.json"
+    return path.exists() and (not relearn_settings(cfg) or "steps_to_relearn" in read_json(path))
 
 
 def cell_result(cfg: StudyConfig, cell: Cell) -> dict | None:
-    """A finished cell's `result.json` (refused when made with other settings); None when not finished."""
+    """A finished cell's `result.json` (refused when made with other settings); None when not finished, or when
+    it still has to relearn (result_before_relearning)."""
+    if result_before_relearning(cfg, cell) is not None:
+        return None
     return reused_json(cell_folder(cfg, cell) / "result.json", cell_record(cfg, cell))
 
 
 def cell_work(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> Work:
-    folder = cell_folder(cfg, cell)
-    return Work(folder, (folder / "result.json").exists, lambda: run_cell(cfg, cell, evaluator))
+    return Work(cell_folder(cfg, cell), lambda: cell_done(cfg, cell), lambda: run_cell(cfg, cell, evaluator))
 
 
 def stopping_columns(run_folder: Path) -> dict:
@@ -479,17 +503,37 @@ def stopping_columns(run_folder: Path) -> dict:
 
 def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     """One cell: `forget` with a curve probe (until forgotten, with --until-forgotten), the final evaluation, and
-    with --relearn the relearning of its model (`relearn/`); `result.json` last. Each run appends who made it
-    (host, pid, SLURM job id) to `runs.jsonl`."""
+    with --relearn the relearning of its model (`relearn/`; only this when an earlier sitting finished the cell
+    without relearning); `result.json` last. Each run appends who made it (host, pid, SLURM job id) to
+    `runs.jsonl`."""
+    folder = cell_folder(cfg, cell)
+    paths = OutputPaths(folder / "forget")
+    record = cell_record(cfg, cell)
+    result = result_before_relearning(cfg, cell)
+    if result is None:
+        finished = reused_json(folder / "result.json", record)
+        if finished is not None:
+            return finished
+    append_jsonl(folder / "runs.jsonl", {k: v for k, v in owner().items() if k != "token"})
+    if result is None:
+        result = forget_and_score(cfg, cell, evaluator)
+    if relearn_settings(cfg):
+        rcfg = relearn_config(evaluator.cfg, paths.model, cell.forget_class, cell.seed, folder / "relearn")
+        started = time.perf_counter()
+        result |= {**relearn_columns(relearn(rcfg)["variants"], rcfg.max_steps),
+                   "seconds_relearn": time.perf_counter() - started}
+    result["provenance"] = record.to_dict()
+    write_json(folder / "result.json", result)
+    return result
+
+
+def forget_and_score(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
+    """A cell's forget run (reused when finished with the cell's settings) and final scores: its result columns
+    without relearning and provenance."""
     root = Path(cfg.out)
     folder = cell_folder(cfg, cell)
     paths = OutputPaths(folder / "forget")
     fc = forget_config(cfg, cell, paths.root)
-    record = cell_record(cfg, cell)
-    finished = reused_json(folder / "result.json", record)
-    if finished is not None:
-        return finished
-    append_jsonl(folder / "runs.jsonl", {k: v for k, v in owner().items() if k != "token"})
     art = shared_artifacts(cfg, cell, root)
     if art is not None and art.mask is not None:
         fc = replace(fc, mask=replace(fc.mask, file=str(art.files[0])))
@@ -509,18 +553,11 @@ def run_cell(cfg: StudyConfig, cell: Cell, evaluator: Evaluator) -> dict:
     curve = [{"iteration": r["iteration"] + 1, **{k: r[k] for k in ("fa", "retain_accuracy", "fid")}}
              for r in map(json.loads, paths.log.read_text().splitlines()) if "fa" in r]
     extra = stopping_columns(paths.root) if fc.until_forgotten else {}
-    if relearn_settings(cfg):
-        rcfg = relearn_config(evaluator.cfg, paths.model, cell.forget_class, cell.seed, folder / "relearn")
-        relearn_started = time.perf_counter()
-        extra |= {**relearn_columns(relearn(rcfg)["variants"], rcfg.max_steps),
-                  "seconds_relearn": time.perf_counter() - relearn_started}
-    result = {**dataclasses.asdict(cell), "cell": cell.name, "schedule": fc.schedule, "iterations": fc.iterations,
-              "batch_size": fc.batch_size, "forget_lr_used": fc.forget_optimizer.lr,
-              "retain_lr_used": fc.retain_optimizer.lr,
-              **scores, "curve": curve, **extra, "seconds_forget": seconds_forget,
-              "seconds_total": time.perf_counter() - started, "provenance": record.to_dict()}
-    write_json(folder / "result.json", result)
-    return result
+    return {**dataclasses.asdict(cell), "cell": cell.name, "schedule": fc.schedule, "iterations": fc.iterations,
+            "batch_size": fc.batch_size, "forget_lr_used": fc.forget_optimizer.lr,
+            "retain_lr_used": fc.retain_optimizer.lr,
+            **scores, "curve": curve, **extra, "seconds_forget": seconds_forget,
+            "seconds_total": time.perf_counter() - started}
 
 
 _WORKER: dict[str, Evaluator] = {}  # an inline `--jobs` worker process's evaluator, built once
@@ -679,7 +716,7 @@ def study(cfg: StudyConfig) -> dict:
     prepare_shared(cfg, cells, root, loaded, dataset)
     del loaded  # each cell loads its own copy in `forget`
 
-    todo = [cell for cell in cells if not (cell_folder(cfg, cell) / "result.json").exists()]
+    todo = [cell for cell in cells if not cell_done(cfg, cell)]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study: cells")
     jobs = ()
     if cfg.executor == "inline":

@@ -204,8 +204,8 @@ def test_bad_inputs_fail_before_work(tiny_model, classifier, presets, tmp_path, 
 
 @pytest.mark.slow
 def test_until_forgotten_and_relearn_study_finishes_and_resumes(tiny_model, classifier, tmp_path, monkeypatch):
-    """Second edition: every cell runs until forgotten (the cap when not) and relearns; the base and retrain
-    models get relearn rows; a finished study reruns nothing."""
+    """Second edition: every cell runs until forgotten (the cap when not); a later sitting with --relearn only
+    relearns the finished cells; the base and retrain models get relearn rows; a finished study reruns nothing."""
     (tmp_path / "p-sfron.yaml").write_text(yaml.safe_dump(
         {**TINY_PRESETS["sfron"], "method": "sfron", "probe_retain_per_class": 1}))
     retrain = tmp_path / "retrain"
@@ -213,10 +213,16 @@ def test_until_forgotten_and_relearn_study_finishes_and_resumes(tiny_model, clas
     save_model_folder(retrain / "without-zero", loaded.denoiser, replace(loaded.meta, excluded_classes=[0]))
     out = tmp_path / "study"
     args = ["--methods", "sfron", "--classes", "0", "--retrain-dir", str(retrain), "--until-forgotten",
-            "--max-iterations", "4", "--probe-every", "2", "--probe-samples", "4", "--relearn", "1",
-            "--relearn-steps", "2", "--relearn-probe-every", "1", "--relearn-batch-size", "4",
-            "--relearn-probe-samples", "4"]
+            "--max-iterations", "4", "--probe-every", "2", "--probe-samples", "4"]
     assert _study(args, tiny_model, classifier, out, f"{tmp_path}/p-") == 0
+    assert "steps_to_relearn" not in read_json(out / "cells" / "sfron-dual-c0-s0" / "result.json")
+    import diffusion_unlearn.study as study_module
+
+    with monkeypatch.context() as m:
+        m.setattr(study_module, "forget", lambda *a, **k: pytest.fail("a finished forget run was rerun"))
+        args += ["--relearn", "1", "--relearn-steps", "2", "--relearn-probe-every", "1", "--relearn-batch-size", "4",
+                 "--relearn-probe-samples", "4"]
+        assert _study(args, tiny_model, classifier, out, f"{tmp_path}/p-") == 0
     result = read_json(out / "cells" / "sfron-dual-c0-s0" / "result.json")
     assert result["iterations_to_forget"] in (2, 4) and isinstance(result["forgotten"], bool)
     assert result["forgotten"] or result["iterations_to_forget"] == 4  # not forgotten: the cap
@@ -231,8 +237,6 @@ def test_until_forgotten_and_relearn_study_finishes_and_resumes(tiny_model, clas
     assert {r["measure"] for r in summary["stability"]} >= {"iterations_to_forget", "fa_in_distribution", "fid"}
     table = (out / "table.md").read_text()
     assert "## Stability: std(dual)/std(shared)" in table and "until forgotten" in table and "relearning: K = 1" in table
-
-    import diffusion_unlearn.study as study_module
 
     monkeypatch.setattr(study_module, "forget", lambda *a, **k: pytest.fail("a finished cell was rerun"))
     monkeypatch.setattr(study_module, "relearn", lambda *a, **k: pytest.fail("a finished relearn was rerun"))
