@@ -386,7 +386,9 @@ class StudyConfig:
     `--forget-lrs` sweeps the forget lr (shared: its single lr). Finished cells are never rerun. `dual` runs a
     method's alternate schedule with two optimizers; `shared` its preset schedule with one. `sampler` is the
     study's evaluation sampler; a cell's own runs (grids, SA's replay) keep its preset's sampler except the fields
-    set here to other than the SamplerConfig defaults (the study's `steps: 20` included)."""
+    set here to other than the SamplerConfig defaults (the study's `steps: 20` included). `--until-forgotten` runs
+    every cell until forgotten, `--relearn K` relearns every cell's model and the reference models
+    (docs/stopping-and-relearning.md)."""
 
     model: str = ""
     dataset: str = "digits"
