@@ -434,7 +434,8 @@ class StudyConfig:
         "help": "run every cell until forgotten (forget --until-forgotten, probes with --classifier); the "
                 "presets' iterations are ignored, --max-iterations is the cap"})
     target_fa: float | None = field(default=None, metadata={"help": "unset: the presets' (forget --target-fa)"})
-    probe_every: PositiveInt | None = field(default=None, metadata={"help": "unset: the presets' (forget --probe-every)"})
+    probe_every: PositiveInt | None = field(default=None, metadata={
+        "help": "unset: the presets' (forget --probe-every)"})
     probe_samples: PositiveInt | None = field(default=None, metadata={
         "help": "unset: the presets' (forget --probe-samples)"})
     max_iterations: PositiveInt | None = field(default=None, metadata={

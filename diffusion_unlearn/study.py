@@ -50,8 +50,8 @@ from diffusion_unlearn.preflight import check_writable_dir
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.provenance import (NO_EFFECT, Provenance, check_reuse, model_files_identity, settings_of,
                                           short_key)
-from diffusion_unlearn.saliency import compute_mask, mask_description, mask_metadata, save_mask
 from diffusion_unlearn.relearn import parse_shots, relearn, variant_record
+from diffusion_unlearn.saliency import compute_mask, mask_description, mask_metadata, save_mask
 from diffusion_unlearn.sampler_defaults import resolve_sampler
 from diffusion_unlearn.stopping import STOPPING_FILE
 from diffusion_unlearn.unlearn import OutputPaths, Probe, forget, mask_record, run_record
@@ -458,7 +458,7 @@ def cell_record(cfg: StudyConfig, cell: Cell, relearning: bool = True) -> Proven
     the study's relearn settings."""
     fc = forget_config(cfg, cell, cell_folder(cfg, cell) / "forget")
     return study_record(cfg, "study-cell", **{f"forget.{k}": v for k, v in run_record(fc).settings.items()},
-                        **{f"{RELEARN_SECTION}{k}": v for k, v in (relearn_settings(cfg) if relearning else {}).items()})
+                        **{f"{RELEARN_SECTION}{k}": v for k, v in relearn_settings(cfg).items() if relearning})
 
 
 def result_before_relearning(cfg: StudyConfig, cell: Cell) -> dict | None:

@@ -77,7 +77,8 @@ def test_summary_aggregates_censored_values_and_signed_gaps():
     assert base["method"] == "base" and base["steps_to_relearn_k5"] == 0 and base["not_relearned_k5"] == 0
     assert retrain_row["steps_to_relearn_k5"] == 8 and retrain_row["fa_in_distribution"] == 0.0
     assert [c["steps_to_relearn_k5_vs_retrain"] for c in with_gaps(cells, retrain, relearned["retrain"])] == [4, -4]
-    assert "1 not forgotten, 1 not relearned (K=5)" in table_markdown(rows, [], (("iterations_to_forget", "it", False),))
+    table = table_markdown(rows, [], (("iterations_to_forget", "it", False),))
+    assert "1 not forgotten, 1 not relearned (K=5)" in table
 
 
 def test_stability_compares_dual_with_shared_per_method():
