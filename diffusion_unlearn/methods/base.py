@@ -2,9 +2,10 @@
 
 A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated
 against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
-takes from the run (`from_config`); they are declared in its torch-free arguments class (method_args.py). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
-mask `forget()` builds), `mask_retain` (whether retain gradients are masked too), `forget_loss` (None: no
-forget steps), `supports_latent_cache` (whether cached VAE moments can stand in for its data) and `artefacts`
+takes from the run (`from_config`); a built-in method declares them in its torch-free arguments class
+(method_args.py). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency mask `forget()`
+builds), `mask_retain` (whether retain gradients are masked too), `forget_loss` (None: no forget steps),
+`supports_latent_cache` (whether cached VAE moments can stand in for its data) and `artefacts`
 (the files `prepare` writes beside the run, each recording its provenance; they depend only on the base model
 and the method's settings, so a study makes them once and shares them, and `--restart` removes them).
 `prepare` may cache artefacts beside the run and choose the data the retain steps draw from. Register a new
