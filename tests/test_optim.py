@@ -193,3 +193,17 @@ def test_mask_positions_decode_to_the_mask_s_nonzero_positions():
         assert packed.gaps.dtype == torch.uint8 and len(packed) == int(mask.sum())
         assert torch.equal(packed.positions(), mask.flatten().nonzero().squeeze(1))
     assert MaskPositions.of(sparse).far_at.tolist() == [2, 4]  # after the gaps 256 and 2487
+
+
+def test_masked_state_step_decodes_stored_positions_without_searching_the_mask(monkeypatch):
+    """The mask's positions are found once, when the optimizer is built: a step runs no `nonzero`."""
+    _, _, opt = _lean_vs_dense(OptimizerSpec("adamw", 1e-2), lean=True, steps=1)
+
+    def searched(*args, **kwargs):
+        raise AssertionError("the forget step searched the mask for its positions")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", searched)
+    monkeypatch.setattr(torch, "nonzero", searched)
+    for p in opt.forget_optimizer.params:
+        p.grad = torch.ones_like(p)
+    opt.forget_step()
