@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import sys
 import types
 import typing
 from dataclasses import field
@@ -244,7 +245,7 @@ class ForgetConfig:
         method = method_class(self.method)
         self.method_args = method.validate_args(self.method_args)  # the method's defaults filled in
         if self.schedule == "alternate" and self.retain_steps == 0 and (
-                self.forget_steps == 0 or method.forget_loss is None):
+                self.forget_steps == 0 or not method_takes_forget_steps(self.method)):
             raise UserError(f"forget_steps={self.forget_steps}, retain_steps=0: method {self.method} would take no "
                             "step; set --retain-steps (or --forget-steps) to at least 1")
         return self
@@ -533,13 +534,31 @@ class MethodsConfig:
     """List the forget methods: the paper each comes from, its mask and forget loss, and its presets."""
 
 
+def method_argument_classes() -> dict[str, type]:
+    """Method name → the dataclass declaring its arguments: the registry (`methods.METHODS`, which holds methods
+    registered at run time too) once it is loaded, else the built-ins' torch-free arguments classes
+    (method_args.py), so that `forget --help` and a ForgetConfig import no torch."""
+    registry = sys.modules.get("diffusion_unlearn.methods")
+    if registry is not None and hasattr(registry, "METHODS"):
+        return registry.METHODS
+    from diffusion_unlearn.method_args import BUILTIN_METHOD_ARGS  # not at module load: it imports this module
+
+    return BUILTIN_METHOD_ARGS
+
+
 def method_class(name: str) -> type:
-    """The method registered as `name` (imported here, not at module load: the methods import this module)."""
+    """The class declaring the arguments of the method registered as `name` (method_argument_classes)."""
+    classes = method_argument_classes()
+    if name not in classes:
+        raise UserError(f"method: unknown method {name!r}; choose one of {', '.join(classes)}")
+    return classes[name]
+
+
+def method_takes_forget_steps(name: str) -> bool:
+    """Whether the method registered as `name` has a forget loss (imports the methods)."""
     from diffusion_unlearn.methods import METHODS
 
-    if name not in METHODS:
-        raise UserError(f"method: unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name]
+    return METHODS[name].forget_loss is not None
 
 
 def forget_registry_caches() -> None:
@@ -552,15 +571,13 @@ def forget_registry_caches() -> None:
 @functools.cache
 def method_arguments() -> dict[str, tuple[Any, Any, tuple[str, ...]]]:
     """Every method argument (`method_args` key) → (type, default, the methods that take it)."""
-    from diffusion_unlearn.methods import METHODS
-
     out: dict[str, tuple[Any, Any, tuple[str, ...]]] = {}
-    for method in METHODS.values():
+    for name, method in method_argument_classes().items():
         hints = typing.get_type_hints(method)
         for f in dataclasses.fields(method):
             if f.name in method.arguments():
                 tp, default, owners = out.get(f.name, (hints[f.name], f.default, ()))
-                out[f.name] = (tp, default, (*owners, method.name))
+                out[f.name] = (tp, default, (*owners, name))
     return out
 
 

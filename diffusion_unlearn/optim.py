@@ -40,7 +40,8 @@ class OptimizerSpec:
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """torch's multi-tensor (`foreach`) optimizer over `params`, in parameter groups of at most
         `GROUP_ELEMENTS` elements: a foreach step makes whole-group temporaries (Adam's √v, ...), so bounded groups
-        bound them (2.7 GB less at DiT-XL/2); each element's update is the same, group by group."""
+        bound them (2.7 GB less at DiT-XL/2), and each of its passes over a small group stays in the CPU's cache;
+        each element's update is the same, group by group."""
         name = self.name.lower()
         params = size_groups(list(params))
         betas = tuple(self.betas)
@@ -60,7 +61,9 @@ class OptimizerSpec:
         raise UserError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-GROUP_ELEMENTS = 1 << 24  # 16 M elements (64 MB in float32) per parameter group
+# 1 M elements (4 MB in float32) per parameter group: a CIFAR-10 U-Net AdamW step takes ~0.55 × the time of
+# 16 M-element groups on one CPU thread (benchmarks/bench_overhead.py), the update being the same
+GROUP_ELEMENTS = 1 << 20
 
 
 def size_groups(params: list[torch.nn.Parameter], limit: int = GROUP_ELEMENTS) -> list[dict]:
@@ -126,6 +129,35 @@ class SplitAdam(torch.optim.Optimizer):
                 p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(h["eps"]), value=-h["lr"] / bias_correction1)
 
 
+@dataclass
+class MaskPositions:
+    """The flat positions of a mask's True entries, ascending (the order `masked_select` packs in), kept in about
+    one byte per entry: each position's gap to the previous one (the first: the position itself) as uint8, and
+    the few gaps a byte cannot hold beside them. Found once when the mask is set; `positions()` decodes them with
+    one cumulative sum in a fraction of the time of `nonzero` on the mask each step (bench_overhead.py), at
+    1 byte per masked-in entry where int32 positions would cost 4 (DiT-XL/2 at density 0.3: 0.2 GB, not 0.8)."""
+
+    gaps: torch.Tensor  # (n,) uint8: the gap to the previous position, 0 where it is one of the far gaps
+    far_at: torch.Tensor  # (k,) int64: the entries after a gap > 255
+    far_gaps: torch.Tensor  # (k,) int64: those gaps
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> MaskPositions:
+        where = mask.flatten().nonzero().squeeze(1)  # (n,) int64, ascending
+        gaps = torch.diff(where, prepend=where.new_zeros(1))  # (n,) ≥ 1 after the first
+        far_at = (gaps > 255).nonzero().squeeze(1)  # (k,)
+        return cls(gaps.masked_fill(gaps > 255, 0).to(torch.uint8), far_at, gaps[far_at])
+
+    def __len__(self) -> int:
+        return self.gaps.numel()
+
+    def positions(self) -> torch.Tensor:
+        """(n,) int64: the flat positions, ascending."""
+        where = self.gaps.to(torch.int64)  # (n,)
+        where.index_copy_(0, self.far_at, self.far_gaps)
+        return where.cumsum_(0)
+
+
 class MaskedStateOptimizer:
     """The forget side of DualOptim with its state only where the gradient mask is 1 (docs/performance.md).
 
@@ -136,29 +168,29 @@ class MaskedStateOptimizer:
     (`torch.optim.adam.adam` — what `Adam`/`AdamW(foreach=True)` run — or `torch.optim.sgd.sgd`) and scatters the
     weights back: the result is bitwise the dense update's (tests/test_optim.py). Masked-out weights never move,
     also with weight decay > 0, where a dense AdamW would shrink them (decoupled decay multiplies every weight).
-    Memory: 2 × (mask density) × parameters of state, plus one chunk of packed weights and gradients while
-    stepping.
+    Memory: 2 × (mask density) × parameters of state, about one byte per masked-in entry for their positions
+    (`MaskPositions`), plus one chunk of packed weights, gradients and decoded positions while stepping.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], masks: Sequence[torch.Tensor], spec: OptimizerSpec,
-                 chunk_elements: int = 1 << 24):
+                 chunk_elements: int = GROUP_ELEMENTS):
         name = spec.name.lower()
         if name not in MASKED_STATE_OPTIMIZERS:
             raise ValueError(f"masked state needs one of {MASKED_STATE_OPTIMIZERS}, got {spec.name!r}")
         self.spec, self.name, self.chunk_elements = spec, name, chunk_elements
         self.params = list(params)
-        self.masks = [m.to(device=p.device, dtype=torch.bool) for p, m in zip(self.params, masks)]
-        self.masked_in = [bool(m.any()) for m in self.masks]  # once: the masks are fixed (no host sync per step)
+        # once: the masks are fixed (no host sync per step)
+        self.positions = [MaskPositions.of(m.to(device=p.device, dtype=torch.bool)) for p, m in zip(self.params, masks)]
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
 
     def _chunks(self) -> list[list[int]]:
         """Indices of the parameters with a gradient and a masked-in entry, in chunks of ~chunk_elements."""
         chunks, current, size = [], [], 0
-        for i, (p, m) in enumerate(zip(self.params, self.masks)):
-            if p.grad is None or not self.masked_in[i]:
+        for i, p in enumerate(self.params):
+            if p.grad is None or not len(self.positions[i]):
                 continue
             current.append(i)
-            size += m.numel()
+            size += p.numel()
             if size >= self.chunk_elements:
                 chunks, current, size = chunks + [current], [], 0
         return chunks + ([current] if current else [])
@@ -167,10 +199,10 @@ class MaskedStateOptimizer:
     def step(self) -> None:
         spec = self.spec
         for chunk in self._chunks():
-            # the flat positions of the masked-in entries, ascending (the order `masked_select` packs in), found
-            # once for the gathers and the scatter: index_select/index_copy_ run ~10 × faster than
-            # masked_select/masked_scatter_ on CPU (benchmarks/bench_overhead.py)
-            where = [self.masks[i].flatten().nonzero().squeeze(1) for i in chunk]  # (n_i,) each
+            # the flat positions of the masked-in entries, decoded once for the gathers and the scatter:
+            # index_select/scatter_ run ~10 × faster than masked_select/masked_scatter_ on CPU, and scatter_ ~1.7 ×
+            # faster than index_copy_ (each position is written once: the same copy)
+            where = [self._positions(i) for i in chunk]  # (n_i,) each
             weights = [self.params[i].view(-1).index_select(0, j) for i, j in zip(chunk, where)]  # (n_i,) each
             grads = [self.params[i].grad.view(-1).index_select(0, j) for i, j in zip(chunk, where)]  # (n_i,) each
             states = [self.state[i] for i in chunk]
@@ -192,7 +224,11 @@ class MaskedStateOptimizer:
                             decoupled_weight_decay=self.name == "adamw", amsgrad=False, beta1=beta1, beta2=beta2,
                             lr=spec.lr, weight_decay=spec.weight_decay, eps=spec.eps, maximize=False)
             for i, j, w in zip(chunk, where, weights):
-                self.params[i].view(-1).index_copy_(0, j, w)
+                self.params[i].view(-1).scatter_(0, j, w)
+
+    def _positions(self, i: int) -> torch.Tensor:
+        """(n_i,) int64: the flat positions of parameter i's masked-in entries, ascending."""
+        return self.positions[i].positions()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -23,7 +23,8 @@ from diffusion_unlearn.fileio import UserError
 # training_state.pt). Bump it whenever an older state would resume differently; resume refuses other versions.
 # 2: per-sample draws keyed by (seed, stream, batch, global sample index), streams saved as batch counters, no RNG.
 # 3: optimizer states in parameter groups of at most optim.GROUP_ELEMENTS elements.
-FORMAT_VERSION = 3
+# 4: GROUP_ELEMENTS 16 M → 1 M (more parameter groups).
+FORMAT_VERSION = 4
 
 # Settings that cannot change a result: where files go, how often they are written or logged, on which device.
 NO_EFFECT = frozenset({"device", "out", "cache_dir", "log_every", "checkpoint_every", "progress", "restart", "jobs"})

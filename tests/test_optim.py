@@ -179,3 +179,31 @@ def test_size_groups_bound_foreach_temporaries_and_change_no_update():
             sum((p * p.detach().sign()).sum() for p in ps).backward()
             opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, twins))
+
+
+def test_mask_positions_decode_to_the_mask_s_nonzero_positions():
+    from diffusion_unlearn.optim import MaskPositions
+
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.zeros(3000, dtype=torch.bool)
+    sparse[[0, 255, 511, 512, 2999]] = True  # gaps 255 (a byte) and 256 (too far for one)
+    for mask in (sparse, torch.rand(40, 50, generator=g) < 0.3, torch.zeros(7, dtype=torch.bool),
+                 torch.ones(2, 3, dtype=torch.bool), torch.rand(5000, generator=g) < 0.002):
+        packed = MaskPositions.of(mask)
+        assert packed.gaps.dtype == torch.uint8 and len(packed) == int(mask.sum())
+        assert torch.equal(packed.positions(), mask.flatten().nonzero().squeeze(1))
+    assert MaskPositions.of(sparse).far_at.tolist() == [2, 4]  # after the gaps 256 and 2487
+
+
+def test_masked_state_step_decodes_stored_positions_without_searching_the_mask(monkeypatch):
+    """The mask's positions are found once, when the optimizer is built: a step runs no `nonzero`."""
+    _, _, opt = _lean_vs_dense(OptimizerSpec("adamw", 1e-2), lean=True, steps=1)
+
+    def searched(*args, **kwargs):
+        raise AssertionError("the forget step searched the mask for its positions")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", searched)
+    monkeypatch.setattr(torch, "nonzero", searched)
+    for p in opt.forget_optimizer.params:
+        p.grad = torch.ones_like(p)
+    opt.forget_step()

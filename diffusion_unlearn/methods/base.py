@@ -1,10 +1,11 @@
 """What every forget method shares: its declaration to the loop and the retain loss most methods use.
 
-A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated here
+A method is a small dataclass. Its fields are its own arguments (`ForgetConfig.method_args`, validated
 against the fields' types: an unknown key names the method and its arguments), except `RUN_FIELDS`, which it
-takes from the run (`from_config`). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency
-mask `forget()` builds), `mask_retain` (whether retain gradients are masked too), `forget_loss` (None: no
-forget steps), `supports_latent_cache` (whether cached VAE moments can stand in for its data) and `artefacts`
+takes from the run (`from_config`); a built-in method declares them in its torch-free arguments class
+(method_args.py). It declares `mask_kind` ("fisher-ratio", "topk" or None: which saliency mask `forget()`
+builds), `mask_retain` (whether retain gradients are masked too), `forget_loss` (None: no forget steps),
+`supports_latent_cache` (whether cached VAE moments can stand in for its data) and `artefacts`
 (the files `prepare` writes beside the run, each recording its provenance; they depend only on the base model
 and the method's settings, so a study makes them once and shares them, and `--restart` removes them).
 `prepare` may cache artefacts beside the run and choose the data the retain steps draw from. Register a new
@@ -22,41 +23,17 @@ from typing import ClassVar
 
 import torch
 
-from diffusion_unlearn.config import validate
 from diffusion_unlearn.data import ImageDataset
-from diffusion_unlearn.fileio import UserError
-
-RUN_FIELDS = ("forget_class", "sampler", "seed")  # method fields set from the run's config, not method_args
+from diffusion_unlearn.method_args import RUN_FIELDS, MethodArgs
 
 
 @dataclass
-class Method:
-    retain_alpha: float = 1.0  # ρ
-    cfg_dropout: float = 0.1  # label dropout in the retain loss, as pretraining
-    cfg_dropout_in_forget_loss: bool = False  # reference quirk §7.6: ascend the null branch too
-
-    name: ClassVar[str]
+class Method(MethodArgs):
     paper: ClassVar[str]  # where the method comes from
     mask_kind: ClassVar[str | None] = None
     mask_retain: ClassVar[bool] = False
     supports_latent_cache: ClassVar[bool] = True
     artefacts: ClassVar[tuple[str, ...]] = ()  # files `prepare` caches beside the run (shared by a study's cells)
-
-    @classmethod
-    def arguments(cls) -> list[str]:
-        """The method's own arguments: the keys of `method_args`."""
-        return [f.name for f in dataclasses.fields(cls) if f.name not in RUN_FIELDS]
-
-    @classmethod
-    def validate_args(cls, args: dict) -> dict:
-        """`args` checked against the method's fields and completed with their defaults; else a UserError."""
-        valid = cls.arguments()
-        unknown = [k for k in args if k not in valid]
-        if unknown:
-            raise UserError(f"method_args.{unknown[0]}: method {cls.name!r} has no such argument; its arguments: "
-                            f"{', '.join(valid)}")
-        made = validate(cls, args, prefix="method_args.")
-        return {k: getattr(made, k) for k in valid}
 
     @classmethod
     def from_config(cls, cfg) -> Method:

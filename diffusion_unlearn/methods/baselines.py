@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_unlearn.method_args import FineTuneArgs, GradientAscentArgs, RandomLabelArgs
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.methods.salun import pseudo_labels
 
 
 @dataclass
-class GradientAscent(Method):
-    name = "ga"
+class GradientAscent(Method, GradientAscentArgs):
     paper = "Thudi et al., Unrolling SGD: Understanding Factors Influencing Machine Unlearning (EuroS&P 2022)"
 
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -29,8 +29,7 @@ class GradientAscent(Method):
 
 
 @dataclass
-class RandomLabel(Method):
-    name = "rl"
+class RandomLabel(Method, RandomLabelArgs):
     paper = "Golatkar et al., Eternal Sunshine of the Spotless Net: Selective Forgetting in Deep Networks (CVPR 2020)"
 
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,6 @@ class RandomLabel(Method):
 
 
 @dataclass
-class FineTune(Method):
-    name = "ft"
+class FineTune(Method, FineTuneArgs):
     paper = "Warnecke et al., Machine Unlearning of Features and Labels (NDSS 2023)"
     forget_loss = None  # retain steps only

@@ -17,17 +17,16 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import PositiveInt
 from safetensors.torch import load_file
 
 from diffusion_unlearn import global_batch
-from diffusion_unlearn.config import SamplerConfig
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.fileio import UserError, save_safetensors_atomic
+from diffusion_unlearn.method_args import SelectiveAmnesiaArgs
 from diffusion_unlearn.methods.base import Method
 from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, weights_fingerprint
 from diffusion_unlearn.saliency import Mask, timestep_summed_fisher
@@ -77,18 +76,7 @@ def _reusable(path: Path, record: Provenance) -> bool:
 
 
 @dataclass
-class SelectiveAmnesia(Method):
-    forget_class: int = 0
-    ewc_lambda: float = 10.0  # EWC weight λ
-    sa_samples_per_class: PositiveInt = 500  # replay: generated images per class (all feed the Fisher)
-    sa_fisher_timesteps: PositiveInt = 1000  # Fisher: diffusion steps summed per sample (evenly spaced)
-    sa_fisher_chunk: PositiveInt = 50  # Fisher: steps per forward pass
-    sa_fisher_as_reference: bool = False  # reference quirk (§2.3): Fisher on [0, 1] images, 10 % label dropout
-    sa_fisher: str | None = None  # an imported Fisher (`convert --from lineage-sa-fisher`) instead of computing one
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    seed: int = 0
-
-    name = "sa"
+class SelectiveAmnesia(Method, SelectiveAmnesiaArgs):
     supports_latent_cache = False  # its forget loss draws surrogate images and its retain set is generated
     artefacts = (REPLAY_FILE, FISHER_FILE)  # the base model's samples of every class and their Fisher
     paper = "Heng & Soh, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative Models " \

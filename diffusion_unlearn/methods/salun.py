@@ -16,11 +16,10 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from diffusion_unlearn import global_batch
+from diffusion_unlearn.method_args import SalUnArgs
 from diffusion_unlearn.methods.base import Method
 
 
@@ -33,10 +32,7 @@ def pseudo_labels(labels: torch.Tensor, num_classes: int, rule: str) -> torch.Te
 
 
 @dataclass
-class SalUn(Method):
-    salun_label: Literal["next", "random"] = "next"  # pseudo label: (c+1) mod K (reference) or random c' ≠ c
-
-    name = "salun"
+class SalUn(Method, SalUnArgs):
     paper = "Fan et al., SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency (ICLR 2024)"
     mask_kind = "topk"
     mask_retain = True

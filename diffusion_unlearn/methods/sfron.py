@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_unlearn import global_batch
+from diffusion_unlearn.method_args import SFRonArgs
 from diffusion_unlearn.methods.base import Method
 
 
@@ -25,10 +26,7 @@ def adaptive_weights(losses: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @dataclass
-class SFRon(Method):
-    adaptive_lambda: float = 0.5  # λ of adaptive gradient ascent
-
-    name = "sfron"
+class SFRon(Method, SFRonArgs):
     paper = "Huang et al., Unified Gradient-Based Machine Unlearning with Remain Geometry Enhancement (NeurIPS 2024)"
     mask_kind = "fisher-ratio"
     mask_retain = False  # only the forget gradient is masked
