@@ -193,7 +193,9 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    for module in ("modelfolder", "sample"):  # forget and eval load through modelfolder.load_model_and_data
+    # forget and eval load through modelfolder.load_model_and_data. `sample` first: patching it imports it, and an
+    # import after modelfolder's patch would bind the refusal as its "original", left in place after the test
+    for module in ("sample", "modelfolder"):
         monkeypatch.setattr(f"diffusion_unlearn.{module}.load_model_folder", refuse)
 
 
