@@ -133,6 +133,8 @@ class PretrainConfig:
     iterations: PositiveInt = 1500
     batch_size: PositiveInt = 128
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr·½(1 + cos(π k/iterations)) at iteration k
+    warmup_iterations: NonNegativeInt = 0  # linear warm-up of the lr over the first iterations (×(k+1)/warmup)
     optimizer: OptimizerName = "adamw"
     weight_decay: float = 0.0
     grad_clip: float = 1.0

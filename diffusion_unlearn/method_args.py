@@ -69,6 +69,9 @@ class SelectiveAmnesiaArgs(MethodArgs):
 
     forget_class: int = 0
     ewc_lambda: float = 10.0  # EWC weight λ
+    # which step's loss carries λ·EWC: the published joint step sums both; under `--schedule alternate` with
+    # DualOptim, "forget" keeps the pull inside the forget optimizer's normalisation (docs/stopping-and-relearning.md)
+    sa_ewc_step: Literal["retain", "forget"] = "retain"
     sa_samples_per_class: PositiveInt = 500  # replay: generated images per class (all feed the Fisher)
     sa_fisher_timesteps: PositiveInt = 1000  # Fisher: diffusion steps summed per sample (evenly spaced)
     sa_fisher_chunk: PositiveInt = 50  # Fisher: steps per forward pass

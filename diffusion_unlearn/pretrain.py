@@ -11,6 +11,7 @@ Section numbers (§x.y) cite docs/reference-differences.md, which follows the pu
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the slices' gradients: the global batch's mean
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, it)
         opt.step()
         ema.update()
         if (it + 1) % 50 == 0:
@@ -154,6 +157,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if accelerator.is_main_process:
         write_json(out / TRAINING_FILE, summary)
     return summary
+
+
+def learning_rate(cfg: PretrainConfig, k: int) -> float:
+    """The lr of iteration k (0-based): `lr`, warmed up linearly over `warmup_iterations`, then constant or
+    cosine-decayed towards 0 at `iterations`. A function of k alone, so a resumed run continues the schedule."""
+    scale = min(1.0, (k + 1) / cfg.warmup_iterations) if cfg.warmup_iterations else 1.0
+    if cfg.lr_schedule == "cosine":
+        scale *= 0.5 * (1 + math.cos(math.pi * k / cfg.iterations))
+    return cfg.lr * scale
 
 
 def training_record(cfg: PretrainConfig) -> Provenance:

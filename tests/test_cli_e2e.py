@@ -12,7 +12,8 @@ from diffusion_unlearn.modelfolder import load_model_folder
 
 pytestmark = pytest.mark.slow  # the user's whole CLI path, end to end
 
-TINY = ["--model-preset", "tiny", "--iterations", "12", "--checkpoint-every", "4", "--batch-size", "16"]
+TINY = ["--model-preset", "tiny", "--iterations", "12", "--checkpoint-every", "4", "--batch-size", "16",
+        "--lr-schedule", "cosine", "--warmup-iterations", "3"]  # the resumed run must continue the schedule
 
 
 def _weights(folder):

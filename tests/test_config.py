@@ -2,6 +2,7 @@
 precedence, round trip of the resolved config, every preset and every README command."""
 
 import argparse
+import math
 import re
 import shlex
 from pathlib import Path
@@ -181,3 +182,16 @@ def test_every_readme_command_parses_with_the_real_parser():
     for argv in argvs:
         ns = parser.parse_args(argv)
         config_from_args(commands[argv[0]][0], ns)  # builds and validates, runs nothing
+
+
+def test_pretrain_learning_rate_schedule():
+    from diffusion_unlearn.pretrain import learning_rate  # imports torch: kept out of the module's imports
+
+    cosine = build_config(PretrainConfig, {"iterations": 100, "lr": 1e-3, "lr_schedule": "cosine",
+                                           "warmup_iterations": 10})
+    assert learning_rate(cosine, 0) == pytest.approx(1e-4)  # warm-up 1/10, cosine factor 1
+    assert learning_rate(cosine, 9) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.09)))
+    assert learning_rate(cosine, 50) == pytest.approx(5e-4)
+    assert learning_rate(cosine, 99) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    constant = build_config(PretrainConfig, {"iterations": 100, "lr": 1e-3})
+    assert {learning_rate(constant, k) for k in range(100)} == {1e-3}  # the default: unchanged training

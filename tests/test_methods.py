@@ -167,6 +167,11 @@ def test_ewc_penalty_and_sa_retain_loss():
     b = _FixedLossBackbone(torch.tensor([1.0, 3.0]), theta)
     assert sa.retain_loss(b, None, None).item() == 2.0 * 2.0 + 10.0 * 4.0  # ρ·mean ℓ + λ·EWC
     assert b.calls[-1][2] == 0.0
+    moved = SelectiveAmnesia(retain_alpha=2.0, ewc_lambda=10.0, cfg_dropout=0.0, sa_ewc_step="forget")
+    moved.fisher, moved.anchor = fisher, anchor  # the EWC term moves from the retain to the forget step's loss
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    assert moved.retain_loss(b, None, None).item() == 2.0 * 2.0
+    assert moved.forget_loss(b, x, y).item() == 2.0 + 10.0 * 4.0 == sa.forget_loss(b, x, y).item() + 10.0 * 4.0
 
 
 def test_sa_surrogate_is_fresh_uniform_noise_with_the_forget_label(backbone):

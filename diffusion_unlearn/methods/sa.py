@@ -127,11 +127,18 @@ class SelectiveAmnesia(Method, SelectiveAmnesiaArgs):
                             targets=saved["labels"], pixels=saved["pixels"])
 
     def forget_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """ℓ_F = mean_i ℓ(x̃_i, c_f), x̃ ~ U[−1, 1]^{C×H×W} drawn afresh each step; `x` gives only the shape."""
+        """ℓ_F = mean_i ℓ(x̃_i, c_f), x̃ ~ U[−1, 1]^{C×H×W} drawn afresh each step; `x` gives only the shape
+        (+ λ·EWC with `sa_ewc_step: forget`)."""
         surrogate = global_batch.rand_like(x, "surrogate") * 2 - 1  # (B, C, H, W)
-        return backbone.per_sample_loss(surrogate, y, cfg_dropout=self.forget_dropout).mean()
+        loss = backbone.per_sample_loss(surrogate, y, cfg_dropout=self.forget_dropout).mean()
+        return loss + self._ewc(backbone) if self.sa_ewc_step == "forget" else loss
 
     def retain_loss(self, backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """ℓ_R = ρ · mean_i ℓ(x_i, c_i) on replay images + λ · Σ_i F_i (θ_i − θ*_i)²."""
-        ewc = ewc_penalty(backbone.named_parameters(), self.fisher, self.anchor)
-        return super().retain_loss(backbone, x, y) + self.ewc_lambda * ewc
+        """ℓ_R = ρ · mean_i ℓ(x_i, c_i) on replay images + λ · Σ_i F_i (θ_i − θ*_i)² (the EWC term only with
+        `sa_ewc_step: retain`, the published placement)."""
+        loss = super().retain_loss(backbone, x, y)
+        return loss + self._ewc(backbone) if self.sa_ewc_step == "retain" else loss
+
+    def _ewc(self, backbone) -> torch.Tensor:
+        """λ · Σ_i F_i (θ_i − θ*_i)²."""
+        return self.ewc_lambda * ewc_penalty(backbone.named_parameters(), self.fisher, self.anchor)
