@@ -124,11 +124,14 @@ def plan_cells(cfg: StudyConfig, num_classes: int) -> list[Cell]:
     return [Cell(m, o, c, s, lr) for s in seeds for c in classes for m in methods for lr in lrs for o in optims]
 
 
-def method_preset(prefix: str, method: str) -> Path | None:
-    """`<prefix><method>.yaml` among the named presets (configs/) or as a path (a folder of one's own presets)."""
-    for path in (CONFIG_DIR / f"{prefix}{method}.yaml", Path(f"{prefix}{method}.yaml")):
-        if path.is_file():
-            return path
+def method_preset(prefix: str, method: str, optim: str) -> Path | None:
+    """`<prefix><method>-<optim>.yaml`, else `<prefix><method>.yaml`, among the named presets (configs/) or as a
+    path (a folder of one's own presets): a method whose dual variant differs from its published form beyond the
+    optimizer (SA) has a preset per setup."""
+    for name in (f"{prefix}{method}-{optim}.yaml", f"{prefix}{method}.yaml"):
+        for path in (CONFIG_DIR / name, Path(name)):
+            if path.is_file():
+                return path
     return None
 
 
@@ -141,10 +144,10 @@ def sampler_overrides(sampler: SamplerConfig) -> dict:
 
 
 def forget_config(cfg: StudyConfig, cell: Cell, out: Path) -> ForgetConfig:
-    """A cell's `forget` settings: the method's preset (`<prefix><method>.yaml`, if present), then the study's
-    overrides. `dual`: alternate forget/retain steps with two optimizers; `shared`: one optimizer on the preset's
+    """A cell's `forget` settings: the method's preset for the cell's optimizer setup (`method_preset`), then the
+    study's overrides. `dual`: alternate forget/retain steps with two optimizers; `shared`: one optimizer on the preset's
     schedule (the method as published). A forget-lr sweep sets the forget lr (dual) or the one lr (shared)."""
-    path = method_preset(cfg.preset_prefix, cell.method)
+    path = method_preset(cfg.preset_prefix, cell.method, cell.optim)
     preset = yaml_values(ForgetConfig, path) if path is not None else {}
     values = {"method": cell.method, "model": cfg.model, "dataset": cfg.dataset, "data_root": cfg.data_root,
               "forget_class": cell.forget_class, "seed": cell.seed, "out": str(out), "optim": cell.optim,
