@@ -23,6 +23,7 @@ from diffusion_unlearn.fileio import UserError
 
 OPTIMIZERS = typing.get_args(OptimizerName)
 MASKED_STATE_OPTIMIZERS = ("adamw", "adam", "sgd")  # the forget side keeps state only where the mask is 1
+FUSED_OPTIMIZERS = ("adamw", "adam", "sgd")  # torch has a fused (one pass per tensor) step for these
 
 
 @dataclass
@@ -38,20 +39,24 @@ class OptimizerSpec:
     eps: float = 1e-8
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """torch's multi-tensor (`foreach`) optimizer over `params`, in parameter groups of at most
-        `GROUP_ELEMENTS` elements: a foreach step makes whole-group temporaries (Adam's √v, ...), so bounded groups
-        bound them (2.7 GB less at DiT-XL/2), and each of its passes over a small group stays in the CPU's cache;
-        each element's update is the same, group by group."""
+        """torch's fused optimizer (Adam, AdamW, SGD: one pass over each tensor, `FUSED_OPTIMIZERS`) or its
+        multi-tensor (`foreach`) one (the others), over `params` in parameter groups of at most `GROUP_ELEMENTS`
+        elements: a foreach step makes whole-group temporaries (Adam's √v, ...), so bounded groups bound them
+        (2.7 GB less at DiT-XL/2), and each of its passes over a small group stays in the CPU's cache; each
+        element's update is the same, group by group. The fused AdamW step of the CIFAR-10 U-Net takes ~0.2 × the
+        foreach step's time on this project's CPU (benchmarks/bench_overhead.py); it rounds differently from foreach
+        in the last bit, so runs compare like with like."""
         name = self.name.lower()
         params = size_groups(list(params))
         betas = tuple(self.betas)
         if name in ("adamw", "adam", "adamax", "nadam", "radam"):
             cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax,
                    "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}[name]
-            return cls(params, lr=self.lr, betas=betas, eps=self.eps, weight_decay=self.weight_decay, foreach=True)
+            kernel = {"fused": True} if name in FUSED_OPTIMIZERS else {"foreach": True}
+            return cls(params, lr=self.lr, betas=betas, eps=self.eps, weight_decay=self.weight_decay, **kernel)
         if name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   foreach=True)
+                                   fused=True)
         if name == "rmsprop":
             return torch.optim.RMSprop(params, lr=self.lr, momentum=self.momentum, eps=self.eps,
                                        weight_decay=self.weight_decay, foreach=True)
@@ -165,7 +170,7 @@ class MaskedStateOptimizer:
     stay exactly 0 there and its update is exactly 0: those entries need not exist. Per parameter we keep the
     moments of the masked-in entries only, packed in the mask's order (`masked_select`). A step gathers the
     masked-in weights and gradients of a chunk of parameters, runs torch's own functional update on them
-    (`torch.optim.adam.adam` — what `Adam`/`AdamW(foreach=True)` run — or `torch.optim.sgd.sgd`) and scatters the
+    (`torch.optim.adam.adam` — what `Adam`/`AdamW(fused=True)` run — or `torch.optim.sgd.sgd`) and scatters the
     weights back: the result is bitwise the dense update's (tests/test_optim.py). Masked-out weights never move,
     also with weight decay > 0, where a dense AdamW would shrink them (decoupled decay multiplies every weight).
     Memory: 2 × (mask density) × parameters of state, about one byte per masked-in entry for their positions
@@ -208,7 +213,7 @@ class MaskedStateOptimizer:
             states = [self.state[i] for i in chunk]
             if self.name == "sgd":
                 buffers = [st.get("momentum_buffer") for st in states]
-                sgd_update(weights, grads, buffers, foreach=True, weight_decay=spec.weight_decay,
+                sgd_update(weights, grads, buffers, fused=True, weight_decay=spec.weight_decay,
                            momentum=spec.momentum, lr=spec.lr, dampening=0.0, nesterov=False, maximize=False)
                 for st, buf in zip(states, buffers):
                     if spec.momentum != 0:
@@ -220,7 +225,7 @@ class MaskedStateOptimizer:
                                "exp_avg_sq": torch.zeros_like(w)}
                 beta1, beta2 = spec.betas
                 adam_update(weights, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                            [], [st["step"] for st in states], foreach=True,
+                            [], [st["step"] for st in states], fused=True,
                             decoupled_weight_decay=self.name == "adamw", amsgrad=False, beta1=beta1, beta2=beta2,
                             lr=spec.lr, weight_decay=spec.weight_decay, eps=spec.eps, maximize=False)
             for i, j, w in zip(chunk, where, weights):

@@ -242,13 +242,17 @@ def test_split_adam_equals_two_adams_when_all_split_and_one_when_none():
         model = torch.nn.Linear(5, 3)
         return _steps(make(model.parameters()), model, sides)
 
+    # torch's Adams take their fused step, SplitAdam the multi-tensor formulas: equal up to the last bits
+    def same(a, b):
+        return all(torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(a, b))
+
     dual = run(lambda p: DualOptim(p, forget, retain, mode="dual"))
-    assert all(torch.equal(a, b) for a, b in zip(run(lambda p: _Split(p, forget, retain, "mv")), dual))
+    assert same(run(lambda p: _Split(p, forget, retain, "mv")), dual)
     shared = run(lambda p: DualOptim(p, forget, retain, mode="shared"))  # the retain spec does both steps
-    assert all(torch.equal(a, b) for a, b in zip(run(lambda p: _Split(p, retain, retain, "")), shared))
+    assert same(run(lambda p: _Split(p, retain, retain, "")), shared)
     for mode in ("dual-m", "dual-v"):
         partial = run(lambda p: DualOptim(p, forget, retain, mode=mode))
-        assert not any(torch.equal(a, b) for a, b in zip(partial, dual))
+        assert not any(torch.allclose(a, b, rtol=1e-3) for a, b in zip(partial, dual))
     with pytest.raises(UserError, match="same beta1"):
         DualOptim([torch.nn.Parameter(torch.ones(1))], OptimizerSpec(betas=(0.8, 0.999)), OptimizerSpec(), "dual-v")
     with pytest.raises(UserError, match="adam or adamw"):
