@@ -350,7 +350,7 @@ def protocol_lines(cfg, results: list[dict], sample_scores: dict, notes: tuple[s
                          r["forget_lr_used"], r["retain_lr_used"]) for r in results})
     return [
         f"model `{cfg.model}`, dataset {cfg.dataset}, classifier `{cfg.classifier}`; presets `{cfg.preset_prefix}"
-        "<method>.yaml`",
+        f"<method>-<optim>.yaml` where present, else `{cfg.preset_prefix}<method>.yaml`",
         f"sampler {s.sampler} {s.steps} steps (η={s.eta:g}), guidance s={s.guidance_scale:g} (lineage w="
         f"{s.guidance_scale - 1:g}), sampler seed {s.sample_seed}",
         f"final scores: FA on {cfg.fa_samples} samples of the forgotten class; retained accuracy and FID on "
