@@ -138,8 +138,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the slices' gradients: the global batch's mean
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = learning_rate(cfg, it)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, it)
+            group["lr"] = lr
         opt.step()
         ema.update()
         if (it + 1) % 50 == 0:
