@@ -19,6 +19,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float in [-1, 1]: the images a sample store or a PNG holds, as classifiers read them."""
+    return images.float() / 255 * 2 - 1
+
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Float samples (N, C, H, W) as a PNG or the evaluation's sample store holds them (clamped to [-1, 1] and
+    quantised to uint8): a probe that judges these scores what `eval` scores, not values no saved image has."""
+    return from_uint8(to_uint8(images))
+
+
 def _to_pil(img: torch.Tensor) -> Image.Image:
     arr = img.permute(1, 2, 0).numpy()  # (H, W, C)
     return Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")

@@ -24,13 +24,13 @@ import torch
 from diffusion_unlearn.config import RelearnConfig, config_to_dict, resolve_device
 from diffusion_unlearn.data import BatchStream, ImageDataset, forget_retain_split
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
-from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, forgetting_measures
+from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, sampled_forgetting
 from diffusion_unlearn.eval.report import save_figure
 from diffusion_unlearn.fileio import UserError, atomic_path, read_json, torch_save_atomic, write_json
 from diffusion_unlearn.modelfolder import load_model_and_data, load_model_folder
 from diffusion_unlearn.optim import OptimizerSpec
 from diffusion_unlearn.parameters import trainable_parameters
-from diffusion_unlearn.pipelines.sampling import Pipeline, generate
+from diffusion_unlearn.pipelines.sampling import Pipeline
 from diffusion_unlearn.preflight import check_writable_dir
 from diffusion_unlearn.provenance import (Provenance, check_reuse, model_files_identity, settings_of, state_record,
                                          weights_fingerprint)
@@ -56,11 +56,7 @@ def relearn_probe(clf: FAClassifier, cal: OODCalibration, forget_class: int, sam
     """fa, fa_in_distribution and ood_rate of `samples` forgotten-class images (the same seeds at every probe)."""
 
     def measure(pipeline: Pipeline) -> dict:
-        images, _, _ = generate(pipeline, [forget_class], samples, sampler, progress=False)  # (N, C, H, W)
-        logits = clf.logits(images)  # (N, K)
-        trusted = forgetting_measures(clf, cal, images, logits, forget_class)
-        return {"fa": (logits.argmax(1) == forget_class).double().mean().item(),
-                "fa_in_distribution": trusted["fa_in_distribution"], "ood_rate": trusted["ood_rate"]}
+        return sampled_forgetting(pipeline, clf, cal, forget_class, samples, sampler)[0]
 
     return measure
 

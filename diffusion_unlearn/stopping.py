@@ -22,8 +22,9 @@ from diffusion_unlearn.config import ForgetConfig, SamplerConfig
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.eval.classifier import FAClassifier, check_classifier_classes, load_classifier
 from diffusion_unlearn.eval.metrics import classification_metrics
-from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, forgetting_measures
+from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, sampled_forgetting
 from diffusion_unlearn.fileio import write_json
+from diffusion_unlearn.grids import as_saved
 from diffusion_unlearn.modelfolder import LoadedModel
 from diffusion_unlearn.pipelines.sampling import Pipeline, generate
 from diffusion_unlearn.sampler_defaults import resolve_sampler
@@ -67,14 +68,11 @@ def forgetting_probe(clf: FAClassifier, cal: OODCalibration, forget_class: int, 
     retained = [c for c in range(num_classes) if c != forget_class]
 
     def measure(pipeline: Pipeline) -> dict:
-        images, labels, _ = generate(pipeline, [forget_class], samples, sampler, progress=False)  # (N, C, H, W)
-        logits = clf.logits(images)  # (N, K)
-        trusted = forgetting_measures(clf, cal, images, logits, forget_class)
+        forgetting, logits, labels = sampled_forgetting(pipeline, clf, cal, forget_class, samples, sampler)
         r_images, r_labels, _ = generate(pipeline, retained, retain_per_class, sampler, progress=False)
-        m = classification_metrics(torch.cat([logits, clf.logits(r_images)]), torch.cat([labels, r_labels]),
-                                   forget_class)
-        return {"fa": m["fa"], "fa_in_distribution": trusted["fa_in_distribution"], "ood_rate": trusted["ood_rate"],
-                "retain_accuracy": m["retain_accuracy"]}
+        m = classification_metrics(torch.cat([logits, clf.logits(as_saved(r_images))]),
+                                   torch.cat([labels, r_labels]), forget_class)
+        return {**forgetting, "retain_accuracy": m["retain_accuracy"]}
 
     return measure
 

@@ -195,3 +195,30 @@ def test_replay_restores_the_curve_and_the_decision():
     stopper.replay([{"iteration": 0}, {"iteration": 1, "stop_probe": point},
                     {"iteration": 2, "stop_probe": point, "stop": TARGET_MET}])
     assert [p["iteration"] for p in stopper.curve] == [2, 3] and stopper.reason == TARGET_MET
+
+
+def test_the_stop_probe_scores_what_eval_scores(tiny_model, classifier, tmp_path):
+    """The probe judges its samples as `eval` judges its stored ones (clamped to [-1, 1], uint8): on a model whose
+    raw samples leave [-1, 1] (an untrained one), a probe that saw raw floats would call images out-of-distribution
+    that every saved image shows in range (the first second-edition study cells stopped "forgotten" at
+    fa_in_distribution 0.0 where `eval` measured 0.84)."""
+    from diffusion_unlearn.data import load_dataset
+    from diffusion_unlearn.eval.classifier import load_classifier
+    from diffusion_unlearn.eval.evaluate import sample_metrics
+    from diffusion_unlearn.eval.ood import calibration_for, calibration_sets
+    from diffusion_unlearn.modelfolder import load_model_folder
+    from diffusion_unlearn.pipelines.sampling import generate
+    from diffusion_unlearn.sampler_defaults import resolve_sampler
+    from diffusion_unlearn.stopping import forgetting_probe
+
+    loaded = load_model_folder(tiny_model)
+    sampler = resolve_sampler(SamplerConfig(steps=2, sample_batch_size=64), loaded.meta.backbone, "eval", "cpu")
+    images = generate(loaded.pipeline, [3], 8, sampler, progress=False)[0]
+    assert images.abs().max() <= 1 and (images.abs() == 1).any()  # clamped: the raw samples were out of range
+    clf, train = load_classifier(classifier), load_dataset("digits", split="train")
+    cal = calibration_for(clf, *calibration_sets(clf, train))
+    probe = forgetting_probe(clf, cal, 3, 10, 8, 2, sampler)(loaded.pipeline)
+    evaluated = sample_metrics(loaded.pipeline, train, clf, 3, 8, 2, sampler, fid_extractor="classifier",
+                               cache_dir=str(tmp_path), ood=cal, progress=False)
+    for key in ("fa", "fa_in_distribution", "ood_rate", "retain_accuracy"):
+        assert probe[key] == pytest.approx(evaluated[key], abs=1e-12), key

@@ -34,7 +34,7 @@ from diffusion_unlearn.eval.npz_files import read_reference_statistics
 from diffusion_unlearn.eval.ood import OODCalibration, calibration_for, calibration_sets, forgetting_measures
 from diffusion_unlearn.eval.sample_store import Processes, SamplePlan, SampleStore
 from diffusion_unlearn.fileio import UserError, WriteError, write_json
-from diffusion_unlearn.grids import to_uint8
+from diffusion_unlearn.grids import from_uint8, to_uint8
 from diffusion_unlearn.modelfolder import LoadedModel, load_model_and_data, load_model_folder
 from diffusion_unlearn.pipelines.sampling import Pipeline, draw_images
 from diffusion_unlearn.preflight import check_readable_file, check_writable_dir
@@ -89,11 +89,14 @@ def default_store(out: str | Path) -> Path:
     return Path(out).with_suffix(".store")
 
 
+FA_INPUT = "uint8"  # what the FA classifier reads: the stored images (stores whose logits read floats are refused)
+
+
 class ShardMaker:
     """Generates a shard's images (`generate`) and extracts their features (`features`), for SampleStore.fill.
 
-    `features` is called right after `generate` with its uint8 images; it also reads the float samples kept from
-    that call (FA logits and the legacy FID conversion need them)."""
+    `features` is called right after `generate` with its uint8 images: the FA classifier and the FID extractor read
+    those, as they would read saved PNGs; the legacy FID conversion reads the float samples kept from that call."""
 
     def __init__(self, pipeline: Pipeline, sampler: SamplerConfig, clf: FAClassifier, extractor: FeatureExtractor,
                  fid_protocol: str):
@@ -110,7 +113,7 @@ class ShardMaker:
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         started = time.perf_counter()
         fid_input = legacy_uint8(self._floats) if self.fid_protocol == "legacy" else images  # (n, C, H, W) uint8
-        out = {"fa_logits": self.clf.logits(self._floats), **self.extractor.extract(fid_input)}
+        out = {"fa_logits": self.clf.logits(from_uint8(images)), **self.extractor.extract(fid_input)}
         self.feature_seconds += time.perf_counter() - started
         return out
 
@@ -119,7 +122,8 @@ def store_record(denoiser: torch.nn.Module, sampler: SamplerConfig, clf: FAClass
                  fid_protocol: str) -> dict:
     """What the stored images and features depend on besides the plan: a store made otherwise is refused."""
     return {"model_weights_sha256": weights_fingerprint(denoiser.state_dict()), "sampler": settings_of(sampler),
-            "fa_classifier_sha256": clf.weights_sha256, "fid_extractor": extractor.id, "fid_protocol": fid_protocol}
+            "fa_classifier_sha256": clf.weights_sha256, "fid_extractor": extractor.id, "fid_protocol": fid_protocol,
+            "fa_input": FA_INPUT}
 
 
 def fill_store(store: SampleStore, processes: Processes, maker: ShardMaker, desc: str) -> dict:
@@ -149,10 +153,6 @@ def fill_store(store: SampleStore, processes: Processes, maker: ShardMaker, desc
 # ----------------------------------------------------------------------------- scores
 
 
-def _from_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255 * 2 - 1  # (N, C, H, W) in [-1, 1]
-
-
 def _enough(generated: torch.Tensor, reference: torch.Tensor) -> bool:
     """Whether both sets have more images than precision/recall's k neighbours (else only FID is computed)."""
     return min(len(generated), len(reference)) > METRIC_SETTINGS["prc_neighborhood"]
@@ -169,7 +169,7 @@ def store_scores(stored: dict[str, torch.Tensor], clf: FAClassifier, forget_clas
     metrics = classification_metrics(logits, labels, forget_class)
     forget = labels == forget_class  # (N,)
     trusted = ({} if ood is None else
-               forgetting_measures(clf, ood, _from_uint8(stored["images"][forget]), logits[forget], forget_class))
+               forgetting_measures(clf, ood, from_uint8(stored["images"][forget]), logits[forget], forget_class))
     features = lambda keep: {k: stored[f"features.{k}"][keep] for k in ("pool", "logits")}  # noqa: E731
     generated = features(~forget)
     if reference is not None and not _enough(generated["pool"], reference["pool"]):  # FID alone

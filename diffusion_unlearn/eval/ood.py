@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,10 @@ from safetensors.torch import load_file, save_file
 from diffusion_unlearn.data import ImageDataset
 from diffusion_unlearn.eval.classifier import DigitsCNN, FAClassifier
 from diffusion_unlearn.fileio import UserError, atomic_path, read_json, write_json
+
+if TYPE_CHECKING:
+    from diffusion_unlearn.config import SamplerConfig
+    from diffusion_unlearn.pipelines.sampling import Pipeline
 
 CALIBRATION_FILE, CALIBRATION_META = "ood_calibration.safetensors", "ood_calibration.json"
 FORMAT = "diffusion-unlearn-ood-calibration/1"
@@ -228,6 +233,22 @@ def calibration_sets(clf: FAClassifier, dataset: ImageDataset, max_per_class: in
 
 
 # ----------------------------------------------------------------------------- measures
+
+
+def sampled_forgetting(pipeline: Pipeline, clf: FAClassifier, cal: OODCalibration, forget_class: int, samples: int,
+                       sampler: SamplerConfig) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A probe's forgetting measures: `samples` forgotten-class images drawn with per-index seeds and judged as
+    `eval` judges its stored images (`grids.as_saved`); returns ({fa, fa_in_distribution, ood_rate}, logits (N, K),
+    labels (N,))."""
+    from diffusion_unlearn.grids import as_saved
+    from diffusion_unlearn.pipelines.sampling import generate
+
+    images, labels, _ = generate(pipeline, [forget_class], samples, sampler, progress=False)
+    images = as_saved(images)  # (N, C, H, W)
+    logits = clf.logits(images)  # (N, K)
+    trusted = forgetting_measures(clf, cal, images, logits, forget_class)
+    return ({"fa": (logits.argmax(1) == forget_class).double().mean().item(),
+             "fa_in_distribution": trusted["fa_in_distribution"], "ood_rate": trusted["ood_rate"]}, logits, labels)
 
 
 def forgetting_measures(clf: FAClassifier, cal: OODCalibration, images: torch.Tensor, logits: torch.Tensor,

@@ -130,7 +130,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     eps = guided_eps(denoiser, x, tt, y, guidance_scale, null_class).float()  # (B, C, H, W)
                 x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
                 bar.update(1)
-            out.append(x.float().cpu().contiguous())
+            out.append(x.float().clamp(-1, 1).cpu().contiguous())  # the images a PNG or the evaluation sees
         bar.close()
         unet.train(was_training)
         return torch.cat(out) if out else torch.empty(0, *shape)
