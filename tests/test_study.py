@@ -238,6 +238,7 @@ def test_until_forgotten_and_relearn_study_finishes_and_resumes(tiny_model, clas
     table = (out / "table.md").read_text()
     assert "## Stability: std(dual)/std(shared)" in table and "until forgotten" in table
     assert "relearning: K = 1" in table
+    assert (out / "probes.png").read_bytes()[:4] == b"\x89PNG"  # every cell's stop and relearn probes
 
     monkeypatch.setattr(study_module, "forget", lambda *a, **k: pytest.fail("a finished cell was rerun"))
     monkeypatch.setattr(study_module, "relearn", lambda *a, **k: pytest.fail("a finished relearn was rerun"))

@@ -321,6 +321,46 @@ def curves_plot(results: list[dict], base: dict[int, dict], retrain: dict[int, d
     _method_panels(results, path, "", "unlearning iteration", draw)
 
 
+def probes_plot(results: list[dict], relearned: dict[str, dict[tuple[int, int], dict]], path: Path) -> None:
+    """Every cell's probes, one thin line per cell: fa_in_distribution while forgetting (`stop_curve`, until the
+    stop) and while relearning from the first K's images (the retrain model's runs dashed red). One row per
+    method; where the mean curves of `curves_plot` hide who stopped when, these show each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    colours = dict(zip(SETUPS, ("tab:blue", "tab:orange")))
+    fig, axes = plt.subplots(len(methods), 2, figsize=(10, 3.2 * len(methods)), squeeze=False)
+    for (forgetting, relearning), method in zip(axes, methods):
+        cells = [r for r in results if r["method"] == method]
+        for optim in dict.fromkeys(r["optim"] for r in cells):
+            mine = [r for r in cells if r["optim"] == optim]
+            for i, r in enumerate(mine):
+                kw = dict(color=colours.get(optim), lw=0.8, alpha=0.5, label=optim if i == 0 else None)
+                curve = r.get("stop_curve") or []
+                forgetting.plot([p["iteration"] for p in curve], [100 * p["fa_in_distribution"] for p in curve], **kw)
+                runs = r.get("relearn") or []
+                if runs:
+                    relearning.plot([p["step"] for p in runs[0]["curve"]],
+                                    [100 * p["fa_in_distribution"] for p in runs[0]["curve"]], **kw)
+        for i, ref in enumerate(relearned.get("retrain", {}).values()):
+            if ref.get("relearn"):
+                curve = ref["relearn"][0]["curve"]
+                relearning.plot([p["step"] for p in curve], [100 * p["fa_in_distribution"] for p in curve],
+                                color="red", ls="--", lw=0.8, alpha=0.6, label="retrain" if i == 0 else None)
+        shots = next((r["relearn"][0]["shots"] for r in cells if r.get("relearn")), None)
+        forgetting.set_title(f"{method}: FA in distribution % while forgetting")
+        forgetting.set_xlabel("unlearning iteration")
+        relearning.set_title(f"{method}: ... while relearning from K = {shots} images")
+        relearning.set_xlabel("fine-tuning step")
+        for ax in (forgetting, relearning):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def lr_plot(results: list[dict], path: Path) -> None:
     """Final FA and FID against the forget lr (shared: its one lr), mean ± std per setup."""
 
@@ -386,6 +426,9 @@ def write_study_outputs(cfg, results: list[dict], base: dict[int, dict], retrain
                                                               for name, refs in relearned.items()}})
     curves_plot(results, base, retrain, root / "curves.png")
     outputs = {"table": str(table), "csv": str(root / "cells.csv"), "curves": str(root / "curves.png")}
+    if any(r.get("stop_curve") for r in results):
+        probes_plot(results, relearned, root / "probes.png")
+        outputs["probes"] = str(root / "probes.png")
     if any(r["forget_lr"] is not None for r in results):
         lr_plot(results, root / "lr-sensitivity.png")
         outputs["lr_sensitivity"] = str(root / "lr-sensitivity.png")
