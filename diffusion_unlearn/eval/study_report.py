@@ -357,7 +357,8 @@ def probes_plot(results: list[dict], relearned: dict[str, dict[tuple[int, int], 
         relearning.set_xlabel("fine-tuning step")
         for ax in (forgetting, relearning):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a panel without lines (no relearning) gets no legend
+                ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
