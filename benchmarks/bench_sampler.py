@@ -8,7 +8,7 @@ them alike; the JSON line gives each variant's median images/s and their ratios 
     python benchmarks/bench_sampler.py --device cuda --batch-size 256 --steps 50 --compile
 
 Variants: `plain` (contiguous NCHW input), `channels_last` (the default), `compile` (channels-last +
-torch.compile). Compare with the published code: `python ../shared/yardstick/side_by_side.py ref sample 16 5`.
+torch.compile). Compare with the published code: `python $YARDSTICK/side_by_side.py ref sample 16 5`.
 
 Roofline: the line also gives the U-Net's FLOPs per image-step (torch's FLOP counter on one guided forward: the
 conditional and the null pass), the same process's fp32 matrix-multiply rate (`gemm_gflops`, a 2048² matmul), the
