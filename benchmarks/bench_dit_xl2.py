@@ -14,7 +14,8 @@ batches per set; `--mask none`: no mask). Memory and time do not depend on the d
 multiply are dense).
 
 Every setup runs in a FRESH subprocess, one at a time: a warm-up iteration, then `--iterations` timed ones. Per
-setup: parameters, seconds per iteration (split into forget step, retain step and EMA update), peak RSS (ru_maxrss,
+setup: parameters, seconds per iteration (split into forget step, retain step and EMA update; the two optimizer steps
+alone as `forget_optimizer_s` / `retain_optimizer_s`: the part dual and shared differ in), peak RSS (ru_maxrss,
 decimal GB) and the RSS after each stage, the load average before and after; then the dual/shared ratios.
 `--compare-stock` repeats it with diffusers' stock `DiTTransformer2DModel` at the XL/2 configuration our export
 writes (per-block embedder copies: 749,826,464 parameters), through the same loop (`--models stock`: stock alone).
@@ -231,9 +232,23 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     peak_before_loop = peak_rss_gb()
 
+    step_s = {"forget": 0.0, "retain": 0.0}  # the optimizer steps alone (within the forget / retain phases)
+
+    def timed_step(side: str, step):
+        def run() -> None:
+            sync(device)
+            begin = time.perf_counter()
+            step()
+            sync(device)
+            step_s[side] += time.perf_counter() - begin
+        return run
+
+    learner.optim.forget_step = timed_step("forget", learner.optim.forget_step)
+    learner.optim.retain_step = timed_step("retain", learner.optim.retain_step)
     iterations = []
     for i in range(args.warmup + args.iterations):
         marks: dict[str, float] = {}
+        step_s.update(forget=0.0, retain=0.0)
 
         def mark(k: int, phase: str) -> None:
             sync(device)
@@ -247,6 +262,7 @@ def measure(args) -> dict:
         t1 = time.perf_counter()
         iterations.append({"warmup": i < args.warmup, "seconds": t1 - t0, "forget_s": marks["forget"] - t0,
                            "retain_s": marks["retain"] - marks["forget"], "ema_s": t1 - marks["retain"],
+                           "forget_optimizer_s": step_s["forget"], "retain_optimizer_s": step_s["retain"],
                            "peak_rss_gb_after_forget": marks["forget_peak_rss_gb"],
                            "peak_rss_gb_after_retain": marks["retain_peak_rss_gb"], "rss_gb_end": rss_gb(),
                            "forget_loss": record.get("forget_loss"), "retain_loss": record.get("retain_loss")})
@@ -263,6 +279,8 @@ def measure(args) -> dict:
         "build_s": round(build_s, 2),
         "s_per_iteration": round(mean("seconds"), 3), "forget_step_s": round(mean("forget_s"), 3),
         "retain_step_s": round(mean("retain_s"), 3), "ema_s": round(mean("ema_s"), 3),
+        "forget_optimizer_s": round(mean("forget_optimizer_s"), 3),
+        "retain_optimizer_s": round(mean("retain_optimizer_s"), 3),
         "peak_rss_gb": round(peak_rss_gb(), 3), "peak_rss_gb_before_loop": round(peak_before_loop, 3),
         "rss_gb_after": {k: round(v, 3) for k, v in stages.items()},
         "iterations": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in it.items()} for it in iterations],
@@ -414,7 +432,15 @@ def main() -> None:
         if (kind, "dual") in ok and (kind, "shared") in ok:
             dual, shared = ok[kind, "dual"], ok[kind, "shared"]
             ratios[f"{kind}_dual_over_shared"] = {k: ratio(dual, shared, k) for k in
-                                                  ("s_per_iteration", "peak_rss_gb", "peak_gpu_gb") if k in dual}
+                                                  ("s_per_iteration", "forget_optimizer_s", "peak_rss_gb",
+                                                   "peak_gpu_gb") if k in dual}
+            # the same, from the optimizer steps alone: the forward and backward passes are the same work in both
+            # setups, so their run-to-run noise (~±0.5 s of ~11 s on the 2-core CPU) cancels here
+            ratios[f"{kind}_dual_over_shared"]["s_per_iteration_from_steps"] = round(
+                1 + (dual["forget_optimizer_s"] + dual["retain_optimizer_s"] - shared["forget_optimizer_s"]
+                     - shared["retain_optimizer_s"]) / shared["s_per_iteration"], 3)
+            ratios[f"{kind}_dual_over_shared"]["extra_peak_rss_gb"] = round(dual["peak_rss_gb"]
+                                                                             - shared["peak_rss_gb"], 3)
     for optim in optims:
         if ("ours", optim) in ok and ("stock", optim) in ok:
             ours, stock = ok["ours", optim], ok["stock", optim]

@@ -173,8 +173,9 @@ class MaskedStateOptimizer:
     (`torch.optim.adam.adam` — what `Adam`/`AdamW(fused=True)` run — or `torch.optim.sgd.sgd`) and scatters the
     weights back: the result is bitwise the dense update's (tests/test_optim.py). Masked-out weights never move,
     also with weight decay > 0, where a dense AdamW would shrink them (decoupled decay multiplies every weight).
-    Memory: 2 × (mask density) × parameters of state, about one byte per masked-in entry for their positions
-    (`MaskPositions`), plus one chunk of packed weights, gradients and decoded positions while stepping.
+    Memory: 2 × (mask density) × parameters of state (Adam's moments in two flat buffers, `_allocate_moments`),
+    about one byte per masked-in entry for their positions (`MaskPositions`), plus one chunk of packed weights,
+    gradients and decoded positions while stepping.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], masks: Sequence[torch.Tensor], spec: OptimizerSpec,
@@ -203,6 +204,8 @@ class MaskedStateOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         spec = self.spec
+        if self.name != "sgd" and not any(self.state):
+            self._allocate_moments()
         for chunk in self._chunks():
             # the flat positions of the masked-in entries, decoded once for the gathers and the scatter:
             # index_select/scatter_ run ~10 × faster than masked_select/masked_scatter_ on CPU, and scatter_ ~1.7 ×
@@ -220,7 +223,7 @@ class MaskedStateOptimizer:
                         st["momentum_buffer"] = buf
             else:
                 for st, w in zip(states, weights):
-                    if not st:
+                    if not st:  # a parameter without a gradient when the moments were allocated
                         st |= {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(w),
                                "exp_avg_sq": torch.zeros_like(w)}
                 beta1, beta2 = spec.betas
@@ -230,6 +233,19 @@ class MaskedStateOptimizer:
                             lr=spec.lr, weight_decay=spec.weight_decay, eps=spec.eps, maximize=False)
             for i, j, w in zip(chunk, where, weights):
                 self.params[i].view(-1).scatter_(0, j, w)
+
+    def _allocate_moments(self) -> None:
+        """Adam's two moments of every parameter with a masked-in entry as views of two flat buffers, allocated
+        before any step temporaries: two large allocations the C allocator maps on their own, where one small
+        tensor per parameter lands between the step's freed gradients and temporaries in its heap and fragments
+        it (docs/performance.md)."""
+        sizes = [len(pos) for pos in self.positions]
+        device = self.params[0].device if self.params else None
+        flat = {k: torch.zeros(sum(sizes), device=device) for k in ("exp_avg", "exp_avg_sq")}  # (Σ n_i,) each
+        views = {k: v.split(sizes) for k, v in flat.items()}
+        for i, n in enumerate(sizes):
+            if n:
+                self.state[i] = {"step": torch.tensor(0.0), **{k: views[k][i] for k in flat}}
 
     def _positions(self, i: int) -> torch.Tensor:
         """(n_i,) int64: the flat positions of parameter i's masked-in entries, ascending."""

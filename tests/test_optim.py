@@ -142,6 +142,9 @@ def test_masked_state_forget_side_is_bitwise_the_dense_update(spec):
     packed = sum(t.numel() for st in opt.forget_optimizer.state for t in st.values() if t.ndim)
     per_entry = 1 if spec.name == "sgd" else 2
     assert packed == per_entry * sum(int(m.sum()) for m in mask.values())  # state only where the mask is 1
+    if spec.name != "sgd":  # Adam's moments: views of one flat buffer each (no per-tensor heap allocations)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert len({st[key].untyped_storage().data_ptr() for st in opt.forget_optimizer.state}) == 1
 
 
 def test_masked_state_never_moves_masked_out_weights_with_weight_decay():
