@@ -15,9 +15,11 @@ from diffusion_unlearn.config import (DemoConfig, EvalConfig, ForgetConfig, Pret
 from diffusion_unlearn.eval.classifier import ClassifierConfig, load_classifier, train_classifier
 from diffusion_unlearn.eval.evaluate import evaluate
 from diffusion_unlearn.eval.report import loss_plot, write_report
-from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.fileio import UserError, read_json
+from diffusion_unlearn.modelfolder import META_FILE
 from diffusion_unlearn.pretrain import pretrain
-from diffusion_unlearn.unlearn import OutputPaths, forget
+from diffusion_unlearn.provenance import Provenance, check_reuse
+from diffusion_unlearn.unlearn import OutputPaths, forget, run_record
 
 # Fast sampler and sample counts for the demo's evaluations, and the sampler of its before/after grids (the
 # pictures come from the sampler the numbers do), so the whole demo fits in ~3 minutes on 2 CPU cores (the paper
@@ -48,7 +50,9 @@ def demo(cfg: DemoConfig) -> dict:
     cache, out = Path(cfg.cache_dir), Path(cfg.out)
     base = cache / f"{recipe.base_name}-seed{cfg.seed}"
     pretrain(build_config(PretrainConfig, yaml_values(PretrainConfig, preset_path(recipe.pretrain_preset)),
-                          {"out": str(base), "seed": cfg.seed, "cache_dir": str(cache)}))
+                          {"out": str(base), "seed": cfg.seed, "cache_dir": str(cache)}),
+             reuse_hint=f"the demo trains its base model anew only where none is cached: delete {base} or pass "
+                        "another --cache-dir")
     classifier = cache / "digits-classifier"
     try:
         load_classifier(classifier)
@@ -67,7 +71,7 @@ def demo(cfg: DemoConfig) -> dict:
                                "out": str(run), "seed": cfg.seed, "cache_dir": str(cache),
                                "sampler": asdict(DEMO_SAMPLER)})
     paths = OutputPaths(Path(forget_cfg.out))
-    if not paths.model.exists() or paths.state.exists():
+    if not finished_run_reusable(paths, forget_cfg, base):
         forget(forget_cfg)
     metrics_unlearned = evaluate(EvalConfig(model=str(paths.model), out=str(run / "metrics.json"), **common))
 
@@ -85,3 +89,17 @@ def demo(cfg: DemoConfig) -> dict:
             "retain_accuracy_unlearned": metrics_unlearned["retain_accuracy"],
             "fid_base": metrics_base["fid"], "fid_unlearned": metrics_unlearned["fid"],
             "seconds": time.perf_counter() - started}
+
+
+def finished_run_reusable(paths: OutputPaths, cfg: ForgetConfig, base: Path) -> bool:
+    """Whether `paths` holds a finished `forget` run made from this base model with these settings (reused, not
+    rerun); a finished run made otherwise is refused in one line, never overwritten."""
+    if not paths.model.exists() or paths.state.exists():
+        return False
+    hint = f"the demo reuses only a run made as it would make it: delete {paths.root} or pass another --out"
+    history = read_json(paths.model / META_FILE).get("history", [])
+    made = history[-1].get("provenance") if history else None
+    check_reuse(Provenance.from_dict(made), run_record(cfg), paths.model, hint)
+    if history[:-1] != read_json(base / META_FILE).get("history", []):
+        raise UserError(f"{paths.model} was unlearned from another base model than {base}; {hint}")
+    return True

@@ -33,20 +33,21 @@ from diffusion_unlearn.optim import OptimizerSpec
 from diffusion_unlearn.parameters import trainable_parameters
 from diffusion_unlearn.pipelines.registry import backbone_for_architecture
 from diffusion_unlearn.preflight import check_writable_dir
-from diffusion_unlearn.provenance import Provenance, check_reuse, settings_of, state_record
+from diffusion_unlearn.provenance import RESTART_HINT, Provenance, check_reuse, settings_of, state_record
 from diffusion_unlearn.vae import build_vae, check_vae_fits, load_vae, measure_scaling_factor, train_vae
 
 STATE_FILE = "training_state.pt"
 TRAINING_FILE = "training.json"
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig, reuse_hint: str = RESTART_HINT) -> dict:
     """Train with AdamW (or `optimizer`), EMA, gradient clipping and CFG label dropout on the linear-β DDPM's
     loss: the U-Net's L_simple, or a latent DiT's mse + vb (`LatentDiTBackbone`).
 
     The output folder is a model folder rewritten atomically at every checkpoint; while unfinished it also
     holds `training_state.pt`, from which a rerun resumes. A finished folder is reused, not retrained. Both only
-    when they were made with the same settings (`--restart` discards them).
+    when they were made with the same settings (`--restart` discards them; `reuse_hint` is the fix a refusal
+    names).
     """
     out = Path(cfg.out)
     record = training_record(cfg)
@@ -58,10 +59,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 (out / name).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
     if (out / STATE_FILE).is_file():
-        check_reuse(state_record(out / STATE_FILE), record, out / STATE_FILE, check_version=True)
+        check_reuse(state_record(out / STATE_FILE), record, out / STATE_FILE, reuse_hint, check_version=True)
     elif (out / TRAINING_FILE).is_file():
         summary = read_json(out / TRAINING_FILE)
-        check_reuse(finished_record(summary), record, out / TRAINING_FILE)
+        check_reuse(finished_record(summary), record, out / TRAINING_FILE, reuse_hint)
         return summary
     check_writable_dir(out, "--out")
     device = str(accelerator.device)  # this process's device under DDP
