@@ -15,8 +15,8 @@ from diffusion_unlearn.config import (DemoConfig, EvalConfig, ForgetConfig, Pret
 from diffusion_unlearn.eval.classifier import ClassifierConfig, load_classifier, train_classifier
 from diffusion_unlearn.eval.evaluate import evaluate
 from diffusion_unlearn.eval.report import loss_plot, write_report
-from diffusion_unlearn.fileio import UserError, read_json
-from diffusion_unlearn.modelfolder import META_FILE
+from diffusion_unlearn.fileio import UserError
+from diffusion_unlearn.modelfolder import read_model_meta
 from diffusion_unlearn.pretrain import pretrain
 from diffusion_unlearn.provenance import Provenance, check_reuse
 from diffusion_unlearn.unlearn import OutputPaths, forget, run_record
@@ -97,9 +97,9 @@ def finished_run_reusable(paths: OutputPaths, cfg: ForgetConfig, base: Path) -> 
     if not paths.model.exists() or paths.state.exists():
         return False
     hint = f"the demo reuses only a run made as it would make it: delete {paths.root} or pass another --out"
-    history = read_json(paths.model / META_FILE).get("history", [])
+    history = read_model_meta(paths.model).history
     made = history[-1].get("provenance") if history else None
     check_reuse(Provenance.from_dict(made), run_record(cfg), paths.model, hint)
-    if history[:-1] != read_json(base / META_FILE).get("history", []):
+    if history[:-1] != read_model_meta(base).history:
         raise UserError(f"{paths.model} was unlearned from another base model than {base}; {hint}")
     return True

@@ -100,6 +100,13 @@ def model_folder_path(path: str | Path) -> Path:
     return path
 
 
+def read_model_meta(path: str | Path) -> ModelMeta:
+    """The `ModelMeta` of the model folder at `path` (its diffusion_unlearn.json; unknown keys ignored)."""
+    record = read_json(Path(path) / META_FILE)
+    fields = {f.name for f in dataclasses.fields(ModelMeta)}
+    return ModelMeta(**{k: v for k, v in record.items() if k in fields})
+
+
 def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model folder at `path`, or the `model/` of the `forget` run folder at `path`, on `device`."""
     path = model_folder_path(path)
@@ -111,9 +118,7 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> L
         if not (path / name).is_file():
             raise UserError(f"{path} is not a diffusion-unlearn model folder: {name} is missing (pass a model "
                             "folder or a `forget` run folder holding model/)")
-    record = read_json(path / META_FILE)
-    fields = {f.name for f in dataclasses.fields(ModelMeta)}
-    meta = ModelMeta(**{k: v for k, v in record.items() if k in fields})
+    meta = read_model_meta(path)
     if meta.backbone not in BACKBONES:
         raise UserError(f"{path}/{META_FILE} names backbone {meta.backbone!r}; expected one of "
                         f"{', '.join(BACKBONES)} (re-convert the model)")

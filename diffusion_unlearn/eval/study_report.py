@@ -332,6 +332,10 @@ def probes_plot(results: list[dict], relearned: dict[str, dict[tuple[int, int], 
 
     methods = list(dict.fromkeys(r["method"] for r in results))
     colours = dict(zip(SETUPS, ("tab:blue", "tab:orange")))
+
+    def fa_line(ax, curve: list[dict], x: str, **kw) -> None:  # one probe curve: fa_in_distribution in % over x
+        ax.plot([p[x] for p in curve], [100 * p["fa_in_distribution"] for p in curve], **kw)
+
     fig, axes = plt.subplots(len(methods), 2, figsize=(10, 3.2 * len(methods)), squeeze=False)
     for (forgetting, relearning), method in zip(axes, methods):
         cells = [r for r in results if r["method"] == method]
@@ -339,17 +343,13 @@ def probes_plot(results: list[dict], relearned: dict[str, dict[tuple[int, int], 
             mine = [r for r in cells if r["optim"] == optim]
             for i, r in enumerate(mine):
                 kw = dict(color=colours.get(optim), lw=0.8, alpha=0.5, label=optim if i == 0 else None)
-                curve = r.get("stop_curve") or []
-                forgetting.plot([p["iteration"] for p in curve], [100 * p["fa_in_distribution"] for p in curve], **kw)
-                runs = r.get("relearn") or []
-                if runs:
-                    relearning.plot([p["step"] for p in runs[0]["curve"]],
-                                    [100 * p["fa_in_distribution"] for p in runs[0]["curve"]], **kw)
+                fa_line(forgetting, r.get("stop_curve") or [], "iteration", **kw)
+                if r.get("relearn"):
+                    fa_line(relearning, r["relearn"][0]["curve"], "step", **kw)
         for i, ref in enumerate(relearned.get("retrain", {}).values()):
             if ref.get("relearn"):
-                curve = ref["relearn"][0]["curve"]
-                relearning.plot([p["step"] for p in curve], [100 * p["fa_in_distribution"] for p in curve],
-                                color="red", ls="--", lw=0.8, alpha=0.6, label="retrain" if i == 0 else None)
+                fa_line(relearning, ref["relearn"][0]["curve"], "step", color="red", ls="--", lw=0.8, alpha=0.6,
+                        label="retrain" if i == 0 else None)
         shots = next((r["relearn"][0]["shots"] for r in cells if r.get("relearn")), None)
         forgetting.set_title(f"{method}: FA in distribution % while forgetting")
         forgetting.set_xlabel("unlearning iteration")
